@@ -1,0 +1,1 @@
+"""The Flower ClientApp and the ``edge-client`` command for emulated or real devices."""

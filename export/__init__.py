@@ -1,0 +1,1 @@
+"""Checkpoint -> device bundle (TFLite / ONNX / ExecuTorch) with verified parity."""

@@ -1,0 +1,1 @@
+"""On-device retrieval: runtimes, usearch index, metadata store, metrics, catalog-search."""
