@@ -28,6 +28,7 @@ from PIL import Image
 from catalog.abo import IMAGES_DIR, Product
 from catalog.images import DEFAULT_PREPROCESS, ImageError, Preprocess, load_image, normalize, to_uint8
 from fedcbir.errors import FedcbirError
+from fedcbir.progress import progress_bar
 from fedcbir.io import atomic_path
 
 CACHE_FORMAT = 1
@@ -95,7 +96,7 @@ class ImageTable:
             except ImageError as exc:
                 return i, None, f"{entries[i][2]}: {exc}"
 
-        bar = _progress(progress)
+        bar = progress_bar(progress)
         task = bar.add_task("decoding images", total=len(entries)) if bar else None
         n_workers = workers or min(4, os.cpu_count() or 1)
         try:
@@ -170,15 +171,6 @@ def _read_cache(path: Path, pre: Preprocess) -> ImageTable | None:
         return None
     return table
 
-
-def _progress(enabled: bool):
-    if not enabled:
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), transient=True)
 
 
 # ----------------------------------------------------------------------------- batches

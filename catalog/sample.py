@@ -41,6 +41,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageOps
 from catalog import _shapes as shapes
 from catalog.abo import IMAGES_CSV, IMAGES_DIR, LISTINGS_DIR, SAMPLE_MARKER, CatalogError, read_sample_marker
 from fedcbir.io import atomic_path, write_json_atomic
+from fedcbir.progress import progress_bar
 
 GENERATOR = "fedcbir catalog sample"
 FORMAT_VERSION = 1
@@ -615,7 +616,7 @@ def generate_sample(out: str | Path, products: int = 300, views: int = 6, seed: 
     type_counts: dict[str, int] = {}
     country_counts: dict[str, int] = {}
 
-    bar = _progress(progress)
+    bar = progress_bar(progress)
     task = bar.add_task("generating sample catalog", total=products) if bar else None
     try:
         if bar:
@@ -687,11 +688,18 @@ def generate_sample(out: str | Path, products: int = 300, views: int = 6, seed: 
     }
 
 
-def _progress(enabled: bool):
-    if not enabled:
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), transient=True)
+def default_sample_path(products: int = 300, views: int = 6, seed: int = 0) -> Path:
+    from fedcbir.io import cache_dir
+
+    return cache_dir() / f"sample-v{FORMAT_VERSION}-{products}x{views}-seed{seed}"
+
+
+def ensure_default_sample(products: int = 300, views: int = 6, seed: int = 0, progress: bool = True) -> Path:
+    """The built-in sample catalog in the fedcbir cache, generated on first use only."""
+    root = default_sample_path(products, views, seed)
+    marker = read_sample_marker(root)
+    wanted = {"products": products, "views": views, "seed": seed}
+    if not (marker and marker.get("complete") and all(marker.get(k) == v for k, v in wanted.items())):
+        generate_sample(root, products=products, views=views, seed=seed, progress=progress)
+    return root

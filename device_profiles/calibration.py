@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcbir.errors import FedcbirError
-from fedcbir.io import write_json_atomic
+from fedcbir.io import cache_dir, write_json_atomic
 
 #: Bump when the reference workload or the scoring changes: old caches are then ignored.
 CALIBRATION_VERSION = 2
@@ -122,16 +122,6 @@ class HostCalibration:
 
 
 # --------------------------------------------------------------------------- where
-
-
-def cache_dir() -> Path:
-    """``$FEDCBIR_CACHE_DIR``, else ``$XDG_CACHE_HOME/fedcbir``, else ``~/.cache/fedcbir``."""
-    env = os.environ.get("FEDCBIR_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "fedcbir"
 
 
 def calibration_path() -> Path:

@@ -19,6 +19,7 @@ from fedcbir.errors import FedcbirError
 _REGISTRARS = [
     ("catalog.cli", "register"),
     ("models.cli", "register"),
+    ("models.centralized", "register"),
     ("fedcbir.placeholders", "register_fedcbir"),
 ]
 

@@ -49,3 +49,13 @@ def append_jsonl(dest: str | os.PathLike, obj: Any) -> None:
 
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def cache_dir() -> Path:
+    """``$FEDCBIR_CACHE_DIR``, else ``$XDG_CACHE_HOME/fedcbir``, else ``~/.cache/fedcbir``."""
+    env = os.environ.get("FEDCBIR_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "fedcbir"

@@ -1,0 +1,216 @@
+"""Canonical parameter names and layout, shared by every framework.
+
+Canonical = the PyTorch ``state_dict`` of ``models.torch_model.Encoder`` (names, order,
+layouts: conv ``OIHW``, depthwise ``[C, 1, kh, kw]``, linear ``[out, in]``) minus
+``num_batches_tracked``.  The list is derived here from the spec walk, without torch;
+a test checks it equals the torch ``state_dict`` keys in order.
+
+Kinds (how each framework converts a tensor):
+    conv      OIHW full convolution weight (also the 1x1 squeeze-excite convs)
+    dwconv    [C, 1, kh, kw] depthwise weight
+    linear    [out, in]
+    bias      [out] (squeeze-excite convs, linear layers)
+    bn_weight, bn_bias            BN affine (trainable)
+    bn_mean, bn_var               BN running statistics (not trainable)
+
+Initialisation is done once, here, in numpy (seeded per name), and loaded into every
+framework: the frameworks' default initialisers differ.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from fedcbir.errors import FedcbirError
+from models.spec import ArchSpec, ConvLayer, resolve
+
+BN_STATS = ("running_mean", "running_var")
+
+
+@dataclass(frozen=True)
+class ParamEntry:
+    name: str
+    shape: tuple[int, ...]
+    kind: str
+
+    @property
+    def module(self) -> str:
+        return self.name.rsplit(".", 1)[0]
+
+    @property
+    def leaf(self) -> str:
+        return self.name.rsplit(".", 1)[1]
+
+    @property
+    def trainable(self) -> bool:
+        return self.kind not in ("bn_mean", "bn_var")
+
+
+def _conv_entries(c: ConvLayer) -> list[ParamEntry]:
+    if c.depthwise:
+        w = ParamEntry(f"{c.name}.conv.weight", (c.cout, 1, c.kernel, c.kernel), "dwconv")
+    else:
+        w = ParamEntry(f"{c.name}.conv.weight", (c.cout, c.cin, c.kernel, c.kernel), "conv")
+    bn = f"{c.name}.bn"
+    return [
+        w,
+        ParamEntry(f"{bn}.weight", (c.cout,), "bn_weight"),
+        ParamEntry(f"{bn}.bias", (c.cout,), "bn_bias"),
+        ParamEntry(f"{bn}.running_mean", (c.cout,), "bn_mean"),
+        ParamEntry(f"{bn}.running_var", (c.cout,), "bn_var"),
+    ]
+
+
+_ENTRY_CACHE: dict[ArchSpec, tuple[ParamEntry, ...]] = {}
+
+
+def entries(spec: ArchSpec) -> tuple[ParamEntry, ...]:
+    """All canonical tensors in ``state_dict`` order."""
+    hit = _ENTRY_CACHE.get(spec)
+    if hit is not None:
+        return hit
+    r = resolve(spec)
+    out = _conv_entries(r.stem)
+    for b in r.blocks:
+        if b.expand is not None:
+            out += _conv_entries(b.expand)
+        out += _conv_entries(b.dw)
+        if b.se is not None:
+            s = b.se
+            out += [
+                ParamEntry(f"{s.name}.fc1.weight", (s.squeeze, s.channels, 1, 1), "conv"),
+                ParamEntry(f"{s.name}.fc1.bias", (s.squeeze,), "bias"),
+                ParamEntry(f"{s.name}.fc2.weight", (s.channels, s.squeeze, 1, 1), "conv"),
+                ParamEntry(f"{s.name}.fc2.bias", (s.channels,), "bias"),
+            ]
+        out += _conv_entries(b.project)
+    out += _conv_entries(r.head)
+    out += [
+        ParamEntry("proj.weight", (r.embedding_dim, r.feature_dim), "linear"),
+        ParamEntry("proj.bias", (r.embedding_dim,), "bias"),
+    ]
+    if r.num_types:
+        out += [
+            ParamEntry("type_head.weight", (r.num_types, r.type_in), "linear"),
+            ParamEntry("type_head.bias", (r.num_types,), "bias"),
+        ]
+    result = tuple(out)
+    _ENTRY_CACHE[spec] = result
+    return result
+
+
+def param_names(spec: ArchSpec) -> list[str]:
+    return [e.name for e in entries(spec)]
+
+
+def param_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
+    return {e.name: e.shape for e in entries(spec)}
+
+
+def param_kinds(spec: ArchSpec) -> dict[str, str]:
+    return {e.name: e.kind for e in entries(spec)}
+
+
+def is_bn_stat(name: str) -> bool:
+    """BN running statistics (not trainable, updated by train-mode forwards)."""
+    return name.endswith(".bn.running_mean") or name.endswith(".bn.running_var")
+
+
+def is_bn_param(name: str) -> bool:
+    """BN affine parameters (gamma = ``.bn.weight``, beta = ``.bn.bias``)."""
+    return name.endswith(".bn.weight") or name.endswith(".bn.bias")
+
+
+def is_bn(name: str) -> bool:
+    return is_bn_stat(name) or is_bn_param(name)
+
+
+def trainable_names(spec: ArchSpec) -> list[str]:
+    return [e.name for e in entries(spec) if e.trainable]
+
+
+def decays(name: str, shape: tuple[int, ...]) -> bool:
+    """The one weight-decay rule: conv/linear weights (``.weight`` with ndim > 1)."""
+    return name.endswith(".weight") and len(shape) > 1
+
+
+def decay_names(spec: ArchSpec) -> list[str]:
+    return [e.name for e in entries(spec) if e.trainable and decays(e.name, e.shape)]
+
+
+def num_params(spec: ArchSpec, trainable_only: bool = True) -> int:
+    return int(sum(int(np.prod(e.shape)) for e in entries(spec)
+                   if e.trainable or not trainable_only))
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(name.encode())])
+
+
+def init_weights(spec: ArchSpec, seed: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic numpy initialisation (each tensor seeded by ``(seed, name)``).
+
+    conv / dwconv: Kaiming normal, fan_out mode, ReLU gain: std = sqrt(2 / fan_out) with
+    fan_out = (out_channels / groups) * kh * kw, i.e. kh * kw for a depthwise conv (each
+    input channel feeds kh*kw outputs; PyTorch's shape-based fan_out would be C * kh * kw
+    and shrinks depthwise outputs by ~C);
+    linear: normal(0, 0.01) (as torchvision's MobileNetV3); biases 0; BN gamma 1, beta 0, running mean 0,
+    running var 1.
+    """
+    out: dict[str, np.ndarray] = {}
+    for e in entries(spec):
+        if e.kind in ("conv", "dwconv"):
+            groups_out = 1 if e.kind == "dwconv" else e.shape[0]
+            fan_out = groups_out * e.shape[2] * e.shape[3]
+            a = _rng(seed, e.name).standard_normal(e.shape) * np.sqrt(2.0 / fan_out)
+        elif e.kind == "linear":
+            a = _rng(seed, e.name).standard_normal(e.shape) * 0.01
+        elif e.kind in ("bn_weight", "bn_var"):
+            a = np.ones(e.shape)
+        else:  # bias, bn_bias, bn_mean
+            a = np.zeros(e.shape)
+        out[e.name] = np.ascontiguousarray(a, dtype=np.float32)
+    return out
+
+
+def validate_weights(spec: ArchSpec, weights: Mapping[str, np.ndarray],
+                     *, check_finite: bool = True) -> None:
+    """Raise FedcbirError naming the first tensor that is missing, extra, mis-shaped,
+    not float32 or not finite."""
+    if not isinstance(weights, Mapping):
+        raise FedcbirError("weights must be a mapping of canonical name -> array")
+    ents = entries(spec)
+    expected = {e.name for e in ents}
+    for e in ents:
+        if e.name not in weights:
+            raise FedcbirError(f"weights: missing tensor '{e.name}'")
+    for name in weights:
+        if name not in expected:
+            raise FedcbirError(f"weights: unexpected tensor '{name}' (not in this architecture)")
+    for e in ents:
+        a = weights[e.name]
+        shape = tuple(getattr(a, "shape", ()))
+        if shape != e.shape:
+            raise FedcbirError(f"weights: '{e.name}' has shape {shape}, expected {e.shape}")
+        dtype = getattr(a, "dtype", None)
+        if dtype != np.float32:
+            raise FedcbirError(f"weights: '{e.name}' has dtype {dtype}, expected float32")
+        if check_finite and not np.all(np.isfinite(a)):
+            raise FedcbirError(f"weights: '{e.name}' contains NaN or infinity")
+        if e.kind == "bn_var" and np.any(np.asarray(a) < 0):
+            raise FedcbirError(f"weights: '{e.name}' has negative variance")
+
+
+def as_float32(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Cast (e.g. float64 from a FedAvg/FedAdam server) to contiguous float32 copies."""
+    return {k: np.ascontiguousarray(np.asarray(v), dtype=np.float32) for k, v in weights.items()}
+
+
+def max_abs_diff(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
+    if set(a) != set(b):
+        raise FedcbirError("cannot compare weights with different name sets")
+    return float(max((np.max(np.abs(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)))
+                      if np.size(a[k]) else 0.0) for k in a))

@@ -1,0 +1,206 @@
+"""The framework-independent half of a local trainer.
+
+``Trainer`` owns the loop (epochs, step limit, timing, metrics, input checks); each
+framework module subclasses it and implements the few tensor-level hooks:
+
+    _load(weights)                canonical float32 dict -> framework variables
+    _dump() -> dict               framework variables -> canonical float32 dict
+    _reset_optimizer()            fresh optimizer state (new round)
+    _set_anchor(weights)          FedProx reference weights (only when prox_mu > 0)
+    _embed_batch(x) -> np.ndarray eval-mode projection output
+    _train_step(x, labels, types) -> (total, supcon, type_ce) as floats
+    _bn_step(x, momentum)         train-mode forward that only updates BN running stats
+    describe() -> dict            kernel path / memory format / versions
+"""
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from fedcbir.errors import FedcbirError
+from models import canonical
+from models.spec import ArchSpec
+from models.threads import thread_info
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def unpack_batch(batch: Any, input_size: int):
+    """Accept ``Batch``-like objects (``.x .labels .types``), tuples or dicts."""
+    if hasattr(batch, "x"):
+        x, labels, types = batch.x, getattr(batch, "labels", None), getattr(batch, "types", None)
+    elif isinstance(batch, Mapping):
+        x, labels, types = batch["x"], batch.get("labels"), batch.get("types")
+    elif isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
+        x, labels = batch[0], batch[1]
+        types = batch[2] if len(batch) == 3 else None
+    else:
+        raise FedcbirError("a training batch needs .x, .labels (and optionally .types)")
+    x = check_images(x, input_size)
+    n = x.shape[0]
+    if labels is None:
+        raise FedcbirError("a training batch needs product labels")
+    labels = np.asarray(labels).astype(np.int32).reshape(-1)
+    types = (np.full(n, -1, np.int32) if types is None
+             else np.asarray(types).astype(np.int32).reshape(-1))
+    if labels.shape[0] != n or types.shape[0] != n:
+        raise FedcbirError(f"batch has {n} images but {labels.shape[0]} labels and "
+                           f"{types.shape[0]} types")
+    if n < 2:
+        raise FedcbirError("a training batch needs at least 2 images")
+    return x, labels, types
+
+
+def check_images(x: Any, input_size: int) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 4 or x.shape[1:] != (input_size, input_size, 3):
+        raise FedcbirError(f"images must be float32 NHWC [N, {input_size}, {input_size}, 3], "
+                           f"got shape {x.shape}")
+    if x.dtype != np.float32:
+        x = x.astype(np.float32)
+    return np.ascontiguousarray(x)
+
+
+class Trainer:
+    framework = "?"
+
+    def __init__(self, spec: ArchSpec, cfg):
+        self.spec = spec
+        self.cfg = cfg
+        self.names = canonical.param_names(spec)
+        self._has_weights = False
+
+    # ------------------------------------------------------------------ public API
+    def set_weights(self, weights: Mapping[str, np.ndarray],
+                    anchor: Mapping[str, np.ndarray] | None = None) -> None:
+        """Load canonical weights (cast to float32) and reset the optimizer state.
+
+        With ``prox_mu > 0`` the FedProx anchor (w_global) becomes ``anchor``, by default
+        the weights themselves (the round's global model)."""
+        w = canonical.as_float32(weights)
+        canonical.validate_weights(self.spec, w)
+        if anchor is not None:
+            anchor = canonical.as_float32(anchor)
+            canonical.validate_weights(self.spec, anchor)
+        self._load(w)
+        self._reset_optimizer()
+        if self.cfg.prox_mu > 0:
+            self._set_anchor(w if anchor is None else anchor)
+        self._has_weights = True
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """Canonical float32 copies of every tensor, BN running statistics included."""
+        self._need_weights()
+        out = self._dump()
+        return {k: np.ascontiguousarray(out[k], dtype=np.float32) for k in self.names}
+
+    def embed(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Eval-mode, un-normalised projection output, float32 ``[N, D]``."""
+        self._need_weights()
+        x = check_images(x, self.spec.input_size)
+        if batch_size < 1:
+            raise FedcbirError("batch_size must be >= 1")
+        if x.shape[0] == 0:
+            return np.zeros((0, self.spec.embedding_dim), np.float32)
+        parts = [self._embed_batch(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+        return np.concatenate(parts).astype(np.float32, copy=False)
+
+    def train(self, batches: Iterable, max_steps: int | None = None) -> dict:
+        """Run ``cfg.epochs`` passes (or until ``max_steps`` / ``cfg.max_steps``) over
+        ``batches``; returns metrics (loss = mean total objective per step)."""
+        self._need_weights()
+        limit = max_steps if max_steps is not None else self.cfg.max_steps
+        epochs = int(self.cfg.epochs)
+        if epochs > 1 and iter(batches) is batches:
+            raise FedcbirError("epochs > 1 needs a re-iterable batch source, not an iterator")
+        steps = examples = 0
+        tot = sup = ce = 0.0
+        t0 = time.perf_counter()
+        done = False
+        for _ in range(epochs):
+            for batch in batches:
+                if limit is not None and steps >= limit:
+                    done = True
+                    break
+                x, labels, types = unpack_batch(batch, self.spec.input_size)
+                a, b, c = self._train_step(x, labels, types)
+                if not np.isfinite(a):
+                    raise FedcbirError(f"training diverged (loss {a}) at step {steps + 1}")
+                tot, sup, ce = tot + a, sup + b, ce + c
+                steps += 1
+                examples += x.shape[0]
+            if done:
+                break
+        seconds = time.perf_counter() - t0
+        d = max(steps, 1)
+        return {
+            "framework": self.framework,
+            "loss": tot / d, "loss_supcon": sup / d, "loss_type": ce / d,
+            "examples": examples, "steps": steps, "seconds": seconds,
+            "peak_rss_mb": peak_rss_mb(), "threads": thread_info(),
+        }
+
+    def recalibrate_bn(self, batches: Iterable, max_batches: int | None = None) -> dict:
+        """Recompute every BN running statistic on ``batches``: train-mode forwards, no
+        weight update, cumulative average (batch k uses momentum 1/(k+1), like PyTorch's
+        ``momentum=None``): the result is the mean over batches of the batch means and
+        of the unbiased batch variances."""
+        self._need_weights()
+        k = 0
+        examples = 0
+        t0 = time.perf_counter()
+        for batch in batches:
+            if max_batches is not None and k >= max_batches:
+                break
+            if hasattr(batch, "x") or isinstance(batch, (Mapping, tuple, list)):
+                x = batch.x if hasattr(batch, "x") else (
+                    batch["x"] if isinstance(batch, Mapping) else batch[0])
+            else:
+                x = batch
+            x = check_images(x, self.spec.input_size)
+            if x.shape[0] < 2:
+                continue
+            self._bn_step(x, 1.0 / (k + 1))
+            k += 1
+            examples += x.shape[0]
+        return {"batches": k, "examples": examples, "seconds": time.perf_counter() - t0}
+
+    def describe(self) -> dict:
+        return {"framework": self.framework}
+
+    # ------------------------------------------------------------------ helpers
+    def _need_weights(self):
+        if not self._has_weights:
+            raise FedcbirError("the trainer has no weights yet: call set_weights first")
+
+    def _decay_flags(self, names):
+        shapes = canonical.param_shapes(self.spec)
+        return [canonical.decays(n, shapes[n]) for n in names]
+
+    # hooks -------------------------------------------------------------------
+    def _load(self, weights):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _dump(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def _reset_optimizer(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def _set_anchor(self, weights):  # pragma: no cover
+        raise NotImplementedError
+
+    def _embed_batch(self, x):  # pragma: no cover
+        raise NotImplementedError
+
+    def _train_step(self, x, labels, types):  # pragma: no cover
+        raise NotImplementedError
+
+    def _bn_step(self, x, momentum):  # pragma: no cover
+        raise NotImplementedError
