@@ -79,10 +79,12 @@ class TorchBatchNorm(layers.Layer):
         return {**super().get_config(), "eps": self.eps, "momentum": self.momentum}
 
 
+@keras.saving.register_keras_serializable(package="fedcbir")
 def hard_swish(x):
     return x * ops.relu6(x + 3.0) / 6.0
 
 
+@keras.saving.register_keras_serializable(package="fedcbir")
 def hard_sigmoid(x):
     return ops.relu6(x + 3.0) / 6.0
 

@@ -181,17 +181,23 @@ def run_parity(spec: ArchSpec, seed: int = 0, optimizers=("adamw", "sgd"),
 
 
 def catalog_batch(root: str, spec: ArchSpec, products: int, photos: int, seed: int):
-    """A P x K batch from a catalog (needs the catalog package's batch reader)."""
-    try:
-        from catalog import batches as cb  # type: ignore
-        make = cb.parity_batch
-    except (ImportError, AttributeError):
-        raise FedcbirError("--catalog needs catalog.batches.parity_batch, which this "
-                           "installation does not provide yet; run without --catalog") from None
-    b = make(root, size=spec.input_size, products=products, photos=photos, seed=seed)
-    types = getattr(b, "types", None)
-    if types is None or spec.num_types == 0:
-        types = np.full(len(b.labels), -1, np.int32)
-    else:
-        types = np.asarray(types, np.int32) % spec.num_types
-    return np.asarray(b.x, np.float32), np.asarray(b.labels, np.int32), types
+    """The first P x K batch (no augmentation) of a catalog's training products, at the
+    spec's input size; product types folded into ``spec.num_types`` classes."""
+    import dataclasses
+
+    from catalog.batches import PKBatches
+    from catalog.dataset import CatalogSplit
+    from catalog.images import DEFAULT_PREPROCESS
+
+    split = CatalogSplit.load(root, seed=seed)
+    pre = dataclasses.replace(DEFAULT_PREPROCESS, size=spec.input_size)
+    table = split.table(split.train, pre)
+    pk = PKBatches(table, p=products, k=photos, seed=seed, augment=False)
+    if len(pk) < 1:
+        raise FedcbirError(f"{root}: not enough training products for a {products} x {photos} "
+                           f"batch")
+    b = pk.batch(0, 0)
+    types = (np.asarray(b.types, np.int64) % spec.num_types if spec.num_types
+             else np.full(len(b.labels), -1))
+    return (np.ascontiguousarray(b.x, np.float32), np.asarray(b.labels, np.int32),
+            types.astype(np.int32))

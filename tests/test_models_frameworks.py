@@ -284,3 +284,25 @@ def test_loss_matches_reference_in_all_frameworks():
     total, sup, _ = numpy_loss(z, [0, 0, 1, 1], temperature=0.5)
     lse = np.log(np.exp(2.0) + 2 * np.exp(0.0))
     assert sup == pytest.approx(-(2.0 - lse))
+
+
+@pytest.mark.parametrize("kernel,stride,hw", [(3, 1, 7), (3, 2, 8), (5, 2, 9), (5, 1, 3)])
+def test_jax_depthwise_backward_matches_autodiff(kernel, stride, hw):
+    import jax
+    import jax.numpy as jnp
+
+    from models.flax_model import depthwise_lax, depthwise_shift_vjp
+
+    rng = np.random.default_rng(kernel * 10 + stride)
+    x = jnp.asarray(rng.standard_normal((2, hw, hw, 6)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((kernel, kernel, 1, 6)), jnp.float32)
+    pad = kernel // 2
+    r = jnp.asarray(rng.standard_normal(depthwise_lax(x, k, stride, pad).shape), jnp.float32)
+
+    def loss(fn):
+        return lambda x, k: jnp.sum(fn(jnp.tanh(x), k, stride, pad) * r)
+
+    got = jax.jit(jax.grad(loss(depthwise_shift_vjp), argnums=(0, 1)))(x, k)
+    ref = jax.jit(jax.grad(loss(depthwise_lax), argnums=(0, 1)))(x, k)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
