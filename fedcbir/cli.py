@@ -20,6 +20,7 @@ _REGISTRARS = [
     ("catalog.cli", "register"),
     ("models.cli", "register"),
     ("models.centralized", "register"),
+    ("fedcbir.simulate", "register"),
     ("fedcbir.placeholders", "register_fedcbir"),
 ]
 

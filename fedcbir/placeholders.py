@@ -10,7 +10,6 @@ import argparse
 from fedcbir.errors import FedcbirError
 
 PENDING = {
-    "simulate": "run a whole federation on one machine (Flower simulation runtime)",
     "server": "start a real Flower SuperLink and run the federation (TLS, device auth)",
     "export": "export a checkpoint to TFLite / ONNX / ExecuTorch bundles",
     "study": "compare frameworks under identical federations, with a report",

@@ -1,0 +1,41 @@
+"""Server-side evaluation of the global model on the held-out test products.
+
+Multi-view retrieval (``retrieval.evaluate.RetrievalEval``): gallery = main photo of each
+test product, queries = its other photos. One framework (``eval-framework``, torch by
+default) embeds. Under FedBN (``bn-policy = "local"``) the global BN statistics are an
+average of clients' local statistics, so they are first recalibrated on the gallery
+images, which the server owns (the catalog's main photos), never on the queries.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+
+class ServerEvaluator:
+    def __init__(self, split, spec, pre, framework: str = "torch", bn_policy: str = "local", threads: int = 1):
+        from catalog.images import normalize
+        from models.api import TrainConfig, make_trainer
+        from retrieval.evaluate import RetrievalEval
+
+        self.evaluator = RetrievalEval.from_split(split, pre=pre)
+        self.framework = framework
+        self.bn_policy = bn_policy
+        self.trainer = make_trainer(framework, spec, TrainConfig(threads=threads, bn_policy=bn_policy))
+        t = self.evaluator.table
+        self._gallery = normalize(t.images[self.evaluator.is_main], t.pre)
+
+    def _gallery_batches(self, batch_size: int = 32):
+        for i in range(0, len(self._gallery), batch_size):
+            yield self._gallery[i:i + batch_size]
+
+    def evaluate(self, weights: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self.trainer.set_weights(weights)
+        if self.bn_policy == "local":
+            self.trainer.recalibrate_bn(self._gallery_batches())
+        m = self.evaluator.evaluate(self.trainer.embed)
+        m["eval_seconds"] = time.perf_counter() - t0
+        return m

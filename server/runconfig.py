@@ -1,0 +1,258 @@
+"""The run configuration: the one contract between the ServerApp and every ClientApp.
+
+Flower passes ``context.run_config`` (a flat dict of TOML scalars) to both sides. The keys
+and defaults are defined once here, in :data:`DEFAULTS`; ``pyproject.toml``'s
+``[tool.flwr.app.config]`` must declare exactly these keys (Flower rejects ``-c`` overrides
+of undeclared keys; a test checks that the two agree), and ``fedcbir simulate`` writes them
+into the app directory it generates.
+
+Defaults mirror the centralized baseline (``fedcbir train``): AdamW, lr 2e-3, P=8 x K=4,
+width 1.0, 96 px, 128-d embedding, product-type head on, so that one federated round of
+one client with all the data equals one centralized epoch.
+
+This module is light (standard library only): clients import it too.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from fedcbir.errors import FedcbirError
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedtrimmedavg", "krum")
+FRAMEWORK_CODES = {"torch": 0, "tf": 1, "jax": 2}
+ISOLATION = ("process", "inline")
+
+#: run-config key -> default (types matter: Flower keeps TOML types).
+DEFAULTS: dict[str, Any] = {
+    "num-server-rounds": 3,
+    "strategy": "fedavg",
+    "frameworks": "torch,tf,jax",
+    "profiles": "rpi4,rpi5,jetson-nano-cpu",
+    "catalog": "",  # "" = the built-in sample catalog (generated once into the cache)
+    "partition": "dirichlet:0.3",
+    "seed": 0,
+    "test-fraction": 0.2,
+    "local-epochs": 1,
+    "max-steps": 0,  # per round and client; 0 = no cap (tests use it)
+    "optimizer": "adamw",
+    "lr": 0.002,
+    "products-per-batch": 8,
+    "photos-per-product": 4,
+    "width": 1.0,
+    "input-size": 96,
+    "embedding-dim": 128,
+    "type-head": True,
+    "bn-policy": "local",  # local = FedBN (BN tensors stay on the device) | shared
+    "prox-mu": 0.01,  # FedProx proximal weight (used only by strategy fedprox)
+    "server-lr": 0.01,  # FedAdam eta
+    "trim-beta": 0.2,  # FedTrimmedAvg cut fraction
+    "krum-malicious": 0,  # Krum: assumed number of malicious nodes
+    "fp16-upload": False,
+    "realtime": False,
+    "fraction-evaluate": 1.0,  # share of nodes running local (client-side) evaluation
+    "eval-framework": "torch",  # server-side evaluation framework
+    "round-timeout": 3600.0,  # seconds a round waits for replies
+    "min-nodes": 0,  # wait for this many nodes before round 1; 0 = the nodes already connected
+    "wait-nodes-timeout": 300.0,
+    "outlier-factor": 10.0,  # reject an update whose norm > factor x median norm of the round
+    "max-update-ratio": 10.0,  # ... or > ratio x the global model's norm
+    "out": "",  # run folder (absolute); "" = ./runs/flwr-<run id> in the ServerApp's cwd
+    "resume": False,
+    "client-isolation": "process",  # process = a fresh child process per message | inline
+    "client-state-dir": "",  # where clients also persist FedBN tensors (survives --resume)
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    num_server_rounds: int
+    strategy: str
+    frameworks: tuple[str, ...]
+    profiles: tuple[str, ...]
+    catalog: str
+    partition: str
+    seed: int
+    test_fraction: float
+    local_epochs: int
+    max_steps: int
+    optimizer: str
+    lr: float
+    products_per_batch: int
+    photos_per_product: int
+    width: float
+    input_size: int
+    embedding_dim: int
+    type_head: bool
+    bn_policy: str
+    prox_mu: float
+    server_lr: float
+    trim_beta: float
+    krum_malicious: int
+    fp16_upload: bool
+    realtime: bool
+    fraction_evaluate: float
+    eval_framework: str
+    round_timeout: float
+    min_nodes: int
+    wait_nodes_timeout: float
+    outlier_factor: float
+    max_update_ratio: float
+    out: str
+    resume: bool
+    client_isolation: str
+    client_state_dir: str
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any] | None = None, **overrides: Any) -> "RunConfig":
+        """Typed view of a Flower run config; missing keys take :data:`DEFAULTS`."""
+        raw = dict(DEFAULTS)
+        unknown = sorted(set(run_config or {}) - set(DEFAULTS))
+        if unknown:
+            raise FedcbirError(f"unknown run-config key(s): {', '.join(unknown)}")
+        raw.update(run_config or {})
+        raw.update({k.replace("_", "-"): v for k, v in overrides.items()})
+        from models.api import normalize_framework
+
+        def as_bool(key):
+            v = raw[key]
+            if isinstance(v, str):
+                return v.strip().lower() in ("1", "true", "yes", "on")
+            return bool(v)
+
+        def as_list(key):
+            return tuple(s.strip() for s in str(raw[key]).split(",") if s.strip())
+
+        try:
+            cfg = cls(
+                num_server_rounds=int(raw["num-server-rounds"]),
+                strategy=str(raw["strategy"]).strip().lower(),
+                frameworks=tuple(normalize_framework(f) for f in as_list("frameworks")),
+                profiles=as_list("profiles"),
+                catalog=str(raw["catalog"]),
+                partition=str(raw["partition"]),
+                seed=int(raw["seed"]),
+                test_fraction=float(raw["test-fraction"]),
+                local_epochs=int(raw["local-epochs"]),
+                max_steps=int(raw["max-steps"]),
+                optimizer=str(raw["optimizer"]),
+                lr=float(raw["lr"]),
+                products_per_batch=int(raw["products-per-batch"]),
+                photos_per_product=int(raw["photos-per-product"]),
+                width=float(raw["width"]),
+                input_size=int(raw["input-size"]),
+                embedding_dim=int(raw["embedding-dim"]),
+                type_head=as_bool("type-head"),
+                bn_policy=str(raw["bn-policy"]),
+                prox_mu=float(raw["prox-mu"]),
+                server_lr=float(raw["server-lr"]),
+                trim_beta=float(raw["trim-beta"]),
+                krum_malicious=int(raw["krum-malicious"]),
+                fp16_upload=as_bool("fp16-upload"),
+                realtime=as_bool("realtime"),
+                fraction_evaluate=float(raw["fraction-evaluate"]),
+                eval_framework=normalize_framework(raw["eval-framework"]),
+                round_timeout=float(raw["round-timeout"]),
+                min_nodes=int(raw["min-nodes"]),
+                wait_nodes_timeout=float(raw["wait-nodes-timeout"]),
+                outlier_factor=float(raw["outlier-factor"]),
+                max_update_ratio=float(raw["max-update-ratio"]),
+                out=str(raw["out"]),
+                resume=as_bool("resume"),
+                client_isolation=str(raw["client-isolation"]),
+                client_state_dir=str(raw["client-state-dir"]),
+            )
+        except (TypeError, ValueError) as exc:
+            raise FedcbirError(f"invalid run config: {exc}") from None
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        def bad(msg: str):
+            raise FedcbirError(f"invalid run config: {msg}")
+
+        if self.num_server_rounds < 0:
+            bad("num-server-rounds must be >= 0")
+        if self.strategy not in STRATEGIES:
+            bad(f"strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if not self.frameworks:
+            bad("frameworks is empty")
+        if not self.profiles:
+            bad("profiles is empty")
+        if self.local_epochs < 1 or self.max_steps < 0:
+            bad("local-epochs must be >= 1 and max-steps >= 0")
+        if self.bn_policy not in ("local", "shared"):
+            bad("bn-policy must be local or shared")
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            bad("fraction-evaluate must be in [0, 1]")
+        if self.round_timeout <= 0 or self.wait_nodes_timeout < 0:
+            bad("round-timeout must be > 0 and wait-nodes-timeout >= 0")
+        if self.outlier_factor <= 1 or self.max_update_ratio <= 0:
+            bad("outlier-factor must be > 1 and max-update-ratio > 0")
+        if self.client_isolation not in ISOLATION:
+            bad(f"client-isolation must be one of {ISOLATION}")
+        if not 0.0 <= self.trim_beta < 0.5:
+            bad("trim-beta must be in [0, 0.5)")
+        if self.prox_mu < 0 or self.server_lr <= 0 or self.krum_malicious < 0:
+            bad("prox-mu >= 0, server-lr > 0 and krum-malicious >= 0 are required")
+
+    # ------------------------------------------------------------------ derived
+    def to_flower(self) -> dict[str, Any]:
+        """Back to a Flower run config (kebab-case keys, TOML scalar types)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name.replace("_", "-")] = ",".join(v) if isinstance(v, tuple) else v
+        return out
+
+    def catalog_root(self) -> Path:
+        if self.catalog:
+            return Path(self.catalog).expanduser().resolve()
+        from catalog.sample import ensure_default_sample
+
+        return ensure_default_sample(progress=False)
+
+    def preprocess(self):
+        import dataclasses
+
+        from catalog.images import DEFAULT_PREPROCESS
+
+        return dataclasses.replace(DEFAULT_PREPROCESS, size=self.input_size)
+
+    def arch(self, num_types: int):
+        from models.spec import ArchSpec
+
+        return ArchSpec(width=self.width, input_size=self.input_size, embedding_dim=self.embedding_dim,
+                        num_types=num_types if self.type_head else 0)
+
+    def train_config(self, prox_mu: float = 0.0):
+        from models.api import TrainConfig
+        from models.optim import OptimConfig
+
+        return TrainConfig(optim=OptimConfig(name=self.optimizer, lr=self.lr), epochs=1,
+                           max_steps=self.max_steps or None, prox_mu=float(prox_mu),
+                           bn_policy=self.bn_policy, threads=1, seed=self.seed)
+
+    def assignment(self, partition_id: int) -> tuple[str, str]:
+        """(framework, profile) of a partition: round-robin over the two lists."""
+        p = int(partition_id)
+        return self.frameworks[p % len(self.frameworks)], self.profiles[p % len(self.profiles)]
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must not change between a run and its ``--resume``."""
+        keep = ("strategy", "catalog", "partition", "seed", "test_fraction", "width", "input_size",
+                "embedding_dim", "type_head", "bn_policy", "frameworks", "profiles")
+        d = asdict(self)
+        return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in keep}
+
+    def fingerprint_digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed from integers (seed, round, partition, ...), stable across platforms."""
+    h = hashlib.blake2b(":".join(str(int(p)) for p in parts).encode(), digest_size=4).digest()
+    return int.from_bytes(h, "big") & 0x7FFFFFFF
