@@ -61,7 +61,7 @@ def worker(variant: str, args) -> None:
     from models.optim import OptimConfig
     from models.spec import ArchSpec
     from models.threads import thread_info
-    from models.trainer import peak_rss_mb
+    from fedcbir.memory import peak_rss_mb
 
     spec = ArchSpec(width=args.width, input_size=args.size)
     x, labels, types = parity.synthetic_batch(spec.input_size, args.products, args.photos, 0)

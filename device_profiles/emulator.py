@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import resource
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 from fedcbir.errors import FedcbirError
+from fedcbir.memory import peak_rss_mb, vm_hwm_mb
 
 from .calibration import PI4_HPL_GFLOPS, HostCalibration, load_or_calibrate
 from .limits import (  # re-exported: helpers for the client process
@@ -268,14 +267,6 @@ class Emulator:
 # ---------------------------------------------------------------------- measuring a block
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB (``getrusage`` high-water mark)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if sys.platform == "darwin":  # bytes there, kilobytes on Linux
-        return peak / 2**20
-    return peak / 1024.0
-
-
 def _reset_peak_rss() -> bool:
     """Reset the kernel's RSS high-water mark to the current RSS (Linux >= 4.0)."""
     try:
@@ -284,17 +275,6 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def _vm_hwm_mb() -> float | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 @dataclass
@@ -342,6 +322,6 @@ def measure(reset_peak: bool = False) -> Iterator[Measurement]:
     finally:
         m.wall_seconds = time.perf_counter() - t_wall
         m.cpu_seconds = time.process_time() - t_cpu
-        hwm = _vm_hwm_mb() if local else None
+        hwm = vm_hwm_mb() if local else None
         m.block_peak = hwm is not None
         m.peak_rss_mb = hwm if hwm is not None else peak_rss_mb()

@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import resource
 import sys
 import time
 import traceback
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
+from fedcbir.memory import peak_rss_mb
 
 ANCHOR_PREFIX = "anchor/"
 _TRAINERS: dict[tuple, Any] = {}
@@ -50,18 +51,7 @@ def products_from_json(rows) -> list:
             for r in rows]
 
 
-def _peak_rss_mb() -> float:
-    """Peak RSS of THIS process image: ``VmHWM`` from /proc (per address space, so it
-    starts fresh at exec). ``ru_maxrss`` is not usable here: Linux carries the parent's
-    high-water mark across fork + exec, so a child of a big Ray actor would inherit it."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except (OSError, ValueError, IndexError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
 
 
 def _table(job: Mapping[str, Any], key: str):
@@ -135,7 +125,7 @@ def run_job(job: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *, cache_t
         raise ValueError(f"unknown job mode {job['mode']!r}")
     t_end = time.perf_counter()
     metrics.update(build_seconds=t_build - t0, data_seconds=t_data - t_build, work_seconds=t_end - t_data,
-                   peak_rss_mb=_peak_rss_mb(), pid=os.getpid())
+                   peak_rss_mb=peak_rss_mb(), pid=os.getpid())
     return out, metrics
 
 
@@ -174,11 +164,11 @@ def main(argv: list[str] | None = None) -> int:
                 np.savez(f, **out)
             os.replace(job_dir / "out.tmp.npz", job_dir / "out.npz")
         metrics["process_seconds"] = time.perf_counter() - t_start
-        metrics["peak_rss_mb"] = _peak_rss_mb()
+        metrics["peak_rss_mb"] = peak_rss_mb()
         result = {"metrics": metrics}
     except Exception as exc:  # reported to the parent, which turns it into an Error reply
         result = {"error": f"{type(exc).__name__}: {exc}", "kind": type(exc).__name__,
-                  "traceback": traceback.format_exc(limit=8), "peak_rss_mb": _peak_rss_mb()}
+                  "traceback": traceback.format_exc(limit=8), "peak_rss_mb": peak_rss_mb()}
     (job_dir / "result.json").write_text(json.dumps(result), encoding="utf-8")
     return 0
 

@@ -14,7 +14,6 @@ framework module subclasses it and implements the few tensor-level hooks:
 """
 from __future__ import annotations
 
-import resource
 import time
 from typing import Any, Iterable, Mapping
 
@@ -24,11 +23,7 @@ from fedcbir.errors import FedcbirError
 from models import canonical
 from models.spec import ArchSpec
 from models.threads import thread_info
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+from fedcbir.memory import peak_rss_mb
 
 
 def unpack_batch(batch: Any, input_size: int):
