@@ -21,6 +21,7 @@ _REGISTRARS = [
     ("models.cli", "register"),
     ("models.centralized", "register"),
     ("fedcbir.simulate", "register"),
+    ("export.cli", "register"),
     ("fedcbir.placeholders", "register_fedcbir"),
 ]
 

@@ -11,7 +11,6 @@ from fedcbir.errors import FedcbirError
 
 PENDING = {
     "server": "start a real Flower SuperLink and run the federation (TLS, device auth)",
-    "export": "export a checkpoint to TFLite / ONNX / ExecuTorch bundles",
     "study": "compare frameworks under identical federations, with a report",
     "demo": "the main job end to end on the built-in sample catalog",
 }

@@ -1,0 +1,394 @@
+"""``fedcbir export``: every format once (one shared bundle), manifest, runtime parity,
+verify, damaged bundles, the JAX route, and runtimes that import no framework.
+
+Small model (width 0.35, 64 px, the first 5 blocks: stem, SE, hard-swish, residuals)
+so the whole module stays well under a few minutes on 2 busy cores.
+"""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export import runtime as rt
+from export.cli import register
+from export.manifest import FILE_NAMES, SCHEMA_VERSION
+from export.verify import judge
+from fedcbir.cli import run
+from fedcbir.errors import FedcbirError
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL_FILES = sorted(FILE_NAMES.values())
+
+
+def _main(argv):
+    parser = argparse.ArgumentParser(prog="fedcbir")
+    sub = parser.add_subparsers(dest="command")
+    sub.required = True
+    register(sub)
+    return run(parser, argv)
+
+
+def _spec():
+    from models.spec import MOBILENET_V3_SMALL, ArchSpec
+
+    return ArchSpec(width=0.35, input_size=64, num_types=4, blocks=MOBILENET_V3_SMALL[:5])
+
+
+def _catalog_x(root, n_products=12):
+    from catalog.dataset import CatalogSplit
+    from catalog.images import Preprocess, normalize
+
+    pre = Preprocess(size=64)
+    split = CatalogSplit.load(root)
+    table = split.table(split.train[:n_products], pre)
+    return normalize(table.images, pre), pre
+
+
+@pytest.fixture(scope="module")
+def checkpoint(sample_catalog, tmp_path_factory):
+    """Init weights with BN statistics recalibrated on catalog photos (realistic activations
+    for int8 calibration), type head included (export must drop it)."""
+    from models import canonical
+    from models.api import TrainConfig, make_trainer
+    from models.checkpoint import save_checkpoint
+
+    spec = _spec()
+    x, pre = _catalog_x(sample_catalog)
+    t = make_trainer("torch", spec, TrainConfig(threads=1))
+    t.set_weights(canonical.init_weights(spec, 0))
+    t.recalibrate_bn([x])
+    path = tmp_path_factory.mktemp("ckpt") / "round-0007"
+    save_checkpoint(path, t.get_weights(), {"arch": spec, "preprocessing": pre.to_dict(),
+                                            "framework": "torch", "round": 7,
+                                            "catalog": str(sample_catalog)})
+    return path
+
+
+@pytest.fixture(scope="module")
+def bundle(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles") / "b"
+    rc = _main(["export", str(checkpoint), "--out", str(out), "--calibration-images", "24", "--json"])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, sample_catalog):
+    from export.reference import reference_embedder
+    from models.checkpoint import load_checkpoint
+    from models.spec import ArchSpec
+
+    w, meta = load_checkpoint(checkpoint)
+    spec = ArchSpec.from_dict(meta["arch"])
+    x, _ = _catalog_x(sample_catalog, n_products=2)
+    x = x[:8]
+    return x, {fw: reference_embedder(fw, spec, w)(x) for fw in ("torch", "keras")}
+
+
+def _tree_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        h.update(str(p.relative_to(folder)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _cos(a, b):
+    return float((np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+
+
+# ------------------------------------------------------------------------------ manifest
+def test_manifest_contents(bundle, checkpoint, capsys):
+    man = json.loads((bundle / "manifest.json").read_text())
+    assert man["format"] == "fedcbir-bundle" and man["schema_version"] == SCHEMA_VERSION == 1
+    assert sorted(man["files"]) == sorted(ALL_FILES + ["reference.npz"])
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(ALL_FILES + ["reference.npz", "manifest.json"])
+    assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
+    arch = man["architecture"]
+    assert arch["width"] == 0.35 and arch["input_size"] == 64 and arch["num_types"] == 0
+    assert "dropped" in man["type_head"]
+    assert man["input"]["size"] == 64
+    pre = man["preprocessing"]
+    assert pre["size"] == 64 and pre["resize"] == "pad-white" and len(pre["mean"]) == 3 and len(pre["std"]) == 3
+    assert man["embedding"] == {"dim": 128, "dtype": "float32", "normalization": "l2, applied outside the graph"}
+    src = man["source"]
+    assert src["round"] == 7 and src["framework"] == "torch" and src["checkpoint"].endswith("round-0007.json")
+    assert {"torch", "executorch", "keras", "onnx", "onnxruntime", "ai-edge-litert"} <= set(man["exporters"])
+    assert man["created"].endswith("+00:00")
+    layouts = {"tflite": "NHWC", "onnx": "NCHW", "pte": "NCHW"}
+    packages = {"tflite": "ai-edge-litert", "onnx": "onnxruntime", "pte": "executorch"}
+    for name in ALL_FILES:
+        f = man["files"][name]
+        data = (bundle / name).read_bytes()
+        assert f["bytes"] == len(data) and f["sha256"] == hashlib.sha256(data).hexdigest()
+        assert f["input"]["layout"] == layouts[f["format"]]
+        assert f["input"]["shape"][1:] == ([64, 64, 3] if f["format"] == "tflite" else [3, 64, 64])
+        assert f["runtime"]["package"] == packages[f["format"]] and f["runtime"]["min_version"]
+        assert f["exporter"]["versions"] and f["exporter"]["route"]
+        assert f["output"]["shape"] == ["N", 128] and f["output"]["normalized"] is False
+        par = f["parity"]
+        assert par["images"] > 0 and {"max_abs_diff", "min_cosine", "reference"} <= set(par)
+        if f["precision"] in ("fp32", "fp16"):
+            assert par["ok"] is True, (name, par)
+        else:
+            assert f["quantization"]["weights"].startswith("int8") and par["ok"] is None
+    assert man["files"]["model.int8.tflite"]["quantization"]["float_ops"] == ["HARD_SWISH"]
+    assert man["files"]["model.int8.onnx"]["quantization"]["format"] == "QDQ"
+    assert man["files"]["model.pte"]["input"]["max_batch"] == 8
+    assert man["data"]["calibration"]["images"] == 24 and man["data"]["calibration"]["from"] == "training products"
+    # int8 files are much smaller than fp32 ones
+    for fmt in ("tflite", "onnx", "pte"):
+        fp32 = man["files"][FILE_NAMES[(fmt, "fp32")]]["bytes"]
+        assert man["files"][FILE_NAMES[(fmt, "int8")]]["bytes"] < 0.5 * fp32
+
+
+# ------------------------------------------------------------------------------ runtimes
+@pytest.mark.parametrize("runtime,precision", [("litert", "fp32"), ("litert", "fp16"), ("litert", "int8"),
+                                               ("onnx", "fp32"), ("onnx", "int8"),
+                                               ("pte", "fp32"), ("pte", "int8")])
+def test_runtime_parity(bundle, reference, runtime, precision):
+    x, refs = reference
+    b = rt.open_bundle(bundle)
+    emb = rt.load_embedder(b, runtime=runtime, precision=precision, threads=1)
+    assert emb.input_size == 64 and emb.dim == 128
+    y = emb.embed(x)
+    assert y.shape == (len(x), 128) and y.dtype == np.float32
+    ref = refs["keras" if runtime == "litert" else "torch"]
+    if precision == "fp32":
+        assert np.abs(y - ref).max() <= 1e-4 and _cos(y, ref) >= 0.9999
+        assert np.abs(y - refs["torch"]).max() <= 1e-4  # every fp32 file = the PyTorch function
+    elif precision == "fp16":
+        assert _cos(y, ref) >= 0.999
+    else:
+        assert _cos(y, ref) >= 0.8  # a sanity bound; verify judges int8 by recall
+    # batch 1 and odd batch sizes (beyond the .pte max batch) give the same rows
+    assert np.allclose(emb.embed(x[:1]), y[:1], atol=1e-5)
+    big = np.concatenate([x, x[:3]])
+    assert np.allclose(emb.embed(big)[:len(x)], y, atol=1e-5)
+    d = emb.describe()
+    assert d["runtime"] == runtime and d["precision"] == precision and d["threads"] == 1
+    assert d["layout"] == ("NHWC" if runtime == "litert" else "NCHW")
+
+
+def test_embed_images_uses_manifest_preprocessing(bundle, sample_catalog):
+    from catalog.dataset import CatalogSplit
+    from catalog.images import Preprocess, load_image, normalize, to_uint8
+
+    split = CatalogSplit.load(sample_catalog)
+    paths = [sample_catalog / "images" / "small" / rel for rel in split.test[0].images[:3]]
+    emb = rt.load_embedder(bundle, runtime="onnx", precision="fp32")
+    pre = Preprocess(size=64)
+    x = normalize(np.stack([to_uint8(load_image(p), pre) for p in paths]), pre)
+    a = emb.embed_images(paths, batch_size=2)
+    b = emb.embed_images([load_image(paths[0]), paths[1].read_bytes(), str(paths[2])])
+    assert np.allclose(a, emb.embed(x), atol=1e-5) and np.allclose(a, b, atol=1e-5)
+    unit = emb.embed_images(paths, normalize=True)
+    assert np.allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(rt.l2_normalize(a), unit, atol=1e-6)
+
+
+def test_runtime_user_errors(bundle):
+    b = rt.open_bundle(bundle, check="lazy")
+    with pytest.raises(FedcbirError, match="no onnx fp16 file"):
+        rt.load_embedder(b, runtime="onnx", precision="fp16")
+    with pytest.raises(FedcbirError, match="unknown runtime"):
+        rt.load_embedder(b, runtime="tensorrt")
+    emb = rt.load_embedder(b, runtime="litert")
+    with pytest.raises(FedcbirError, match="expects NHWC"):
+        emb.embed(np.zeros((1, 3, 64, 64), np.float32))
+
+
+NO_FRAMEWORK_SCRIPT = r"""
+import sys, json
+import numpy as np
+from export.runtime import open_bundle, load_embedder, l2_normalize
+b = open_bundle(sys.argv[1])
+x = np.random.default_rng(0).normal(size=(3, 64, 64, 3)).astype(np.float32)
+out = {}
+for runtime, precision in [("litert", "fp32"), ("litert", "int8"), ("onnx", "fp32"), ("onnx", "int8")]:
+    e = load_embedder(b, runtime=runtime, precision=precision)
+    out[runtime + "/" + precision] = l2_normalize(e.embed(x)).shape
+    e.embed_images([sys.argv[2]])
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "tensorflow", "jax", "jaxlib", "keras", "flax"))
+print(json.dumps({"heavy": heavy, "shapes": {k: list(v) for k, v in out.items()}}))
+"""
+
+
+def test_tflite_and_onnx_runtimes_import_no_framework(bundle, sample_catalog):
+    img = next((sample_catalog / "images" / "small").rglob("*.jpg"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-c", NO_FRAMEWORK_SCRIPT, str(bundle), str(img)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["heavy"] == []
+    assert all(v == [3, 128] for v in res["shapes"].values())
+
+
+# ------------------------------------------------------------------------------ verify
+def test_judge_rules():
+    assert judge("fp32", 1e-4, 0.9999, 0, 0)[0] and not judge("fp32", 1.1e-4, 1.0, 0, 0)[0]
+    assert not judge("fp32", 0.0, 0.99989, 0, 0)[0]
+    assert judge("fp16", 1.0, 0.999, 0, 0)[0] and not judge("fp16", 0.0, 0.9989, 0, 0)[0]
+    assert judge("int8", 9, 0, recall=0.48, reference_recall=0.50)[0]  # exactly 2 points
+    assert not judge("int8", 0, 1, recall=0.479, reference_recall=0.50)[0]
+    assert judge("int8", 0, 0, recall=0.60, reference_recall=0.50)[0]  # better is fine
+    ok, reason = judge("int8", 0, 0, recall=0.45, reference_recall=0.50)
+    assert not ok and "drop +5.00 points" in reason
+
+
+def test_verify_cli_json(bundle, sample_catalog, capsys):
+    before = _tree_digest(bundle)
+    rc = _main(["export", "verify", str(bundle), "--catalog", str(sample_catalog), "--json",
+                "--test-fraction", "0.5"])
+    report = json.loads(capsys.readouterr().out)
+    assert _tree_digest(bundle) == before
+    assert report["test_products"] == 30 and report["queries"] > 100
+    assert sorted(e["file"] for e in report["files"]) == ALL_FILES
+    for e in report["files"]:
+        assert {"max_abs_diff", "min_cosine", "recall@1", "ok", "reference_recall@1"} <= set(e)
+        if e["precision"] == "int8":
+            assert 0 <= e["mcnemar_p"] <= 1 and e["queries_lost"] >= 0 and e["queries_gained"] >= 0
+        if e["precision"] in ("fp32", "fp16"):
+            assert e["ok"], e
+        else:  # int8: ok exactly when the recall rule holds
+            assert e["ok"] == judge("int8", 0, 0, e["recall@1"], e["reference_recall@1"])[0]
+    assert rc == (0 if all(e["ok"] for e in report["files"]) else 1)
+    assert report["ok"] == (rc == 0)
+
+
+# ------------------------------------------------------------------------------ damage
+def _damaged(bundle, tmp_path, how):
+    b = tmp_path / "damaged"
+    shutil.copytree(bundle, b)
+    target = b / "model.int8.onnx"
+    if how == "missing":
+        target.unlink()
+    elif how == "truncated":
+        target.write_bytes(target.read_bytes()[:1000])
+    elif how == "tampered":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif how == "version":
+        man = json.loads((b / "manifest.json").read_text())
+        man["schema_version"] = 99
+        (b / "manifest.json").write_text(json.dumps(man))
+    elif how == "manifest":
+        (b / "manifest.json").write_text("{not json")
+    return b
+
+
+@pytest.mark.parametrize("how,message", [
+    ("missing", "file model.int8.onnx is missing"),
+    ("truncated", "model.int8.onnx is truncated or replaced"),
+    ("tampered", "model.int8.onnx does not match its sha256"),
+    ("version", "manifest schema version 99; this fedcbir reads version 1"),
+    ("manifest", "manifest .* is damaged"),
+])
+def test_damaged_bundle_errors(bundle, tmp_path, capsys, how, message):
+    b = _damaged(bundle, tmp_path, how)
+    before = _tree_digest(b)
+    with pytest.raises(FedcbirError, match=message):
+        rt.open_bundle(b)
+    assert _main(["export", "verify", str(b), "--json"]) == 2
+    err = capsys.readouterr()
+    assert err.out == "" and len(err.err.strip().splitlines()) == 1 and err.err.startswith("error: ")
+    assert _tree_digest(b) == before
+    if how in ("missing", "truncated", "tampered"):  # lazy open: other files still load
+        lazy = rt.open_bundle(b, check="lazy")
+        rt.load_embedder(lazy, runtime="litert", precision="fp32")
+        with pytest.raises(FedcbirError, match="model.int8.onnx"):
+            rt.load_embedder(lazy, runtime="onnx", precision="int8")
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(FedcbirError, match="bundle not found"):
+        rt.open_bundle(tmp_path / "nope")
+    with pytest.raises(FedcbirError, match="not a fedcbir bundle"):
+        rt.open_bundle(tmp_path)
+
+
+# ------------------------------------------------------------------------------ export CLI
+def test_export_refuses_non_bundle_folder_and_bad_options(checkpoint, tmp_path, capsys):
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert _main(["export", str(checkpoint), "--out", str(other)]) == 2
+    assert "not a fedcbir bundle" in capsys.readouterr().err
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    assert _main(["export", str(checkpoint), "--out", str(tmp_path / "x"), "--formats", "tflite,coreml"]) == 2
+    assert "coreml" in capsys.readouterr().err
+    assert _main(["export", str(checkpoint)]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert _main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "y")]) == 2
+    assert "checkpoint metadata not found" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_failed_export_leaves_nothing(checkpoint, tmp_path, monkeypatch):
+    from export import bundle as B
+    from export import converters
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated converter crash")
+
+    monkeypatch.setattr(converters, "keras_tflite", boom)
+    out = tmp_path / "b"
+    with pytest.raises(FedcbirError, match="simulated converter crash"):
+        B.export_bundle(checkpoint, out, B.ExportOptions(formats=("tflite",), quantize=()))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reexport_replaces_a_bundle(bundle, checkpoint, tmp_path, capsys):
+    b = tmp_path / "b"
+    shutil.copytree(bundle, b)
+    assert _main(["export", str(checkpoint), "--out", str(b), "--formats", "onnx", "--quantize", "none"]) == 0
+    assert "model.onnx" in capsys.readouterr().out
+    assert sorted(p.name for p in b.iterdir()) == ["manifest.json", "model.onnx", "reference.npz"]
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
+    assert rt.open_bundle(b).models() == [("onnx", "fp32", "model.onnx")]
+
+
+# ------------------------------------------------------------------------------ JAX route
+def test_jax_route_tflite(checkpoint, reference, tmp_path, capsys):
+    out = tmp_path / "jb"
+    assert _main(["export", str(checkpoint), "--out", str(out), "--from", "jax", "--formats", "tflite",
+                  "--quantize", "none", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    f = summary["files"]["model.tflite"]
+    assert f["source"] == "flax" and f["parity"]["ok"] is True
+    man = rt.open_bundle(out).manifest["files"]["model.tflite"]
+    assert man["input"]["batch"] == "static" and man["input"]["shape"] == [1, 64, 64, 3]
+    assert "jax2tf" in man["exporter"]["route"] and "jax" in man["exporter"]["versions"]
+    x, refs = reference
+    emb = rt.load_embedder(out, runtime="litert")
+    assert emb.max_batch == 1
+    y = emb.embed(x)  # 8 images through a batch-1 graph
+    assert np.abs(y - refs["torch"]).max() <= 1e-4 and _cos(y, refs["keras"]) >= 0.9999
+
+
+def test_runtime_older_than_exporter_is_refused(bundle, tmp_path):
+    b = tmp_path / "newer"
+    shutil.copytree(bundle, b)
+    man = json.loads((b / "manifest.json").read_text())
+    man["files"]["model.onnx"]["runtime"]["min_version"] = "99.0"
+    (b / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(FedcbirError, match=r"needs onnxruntime >= 99.0 .* installed: "):
+        rt.load_embedder(b, runtime="onnx")
+
+
+def test_mcnemar():
+    from export.verify import mcnemar_p
+
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(3, 3) == 1.0
+    assert abs(mcnemar_p(0, 5) - 2 / 32) < 1e-12
+    assert mcnemar_p(20, 2) < 0.001 < mcnemar_p(8, 4)
