@@ -10,7 +10,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export TF_CPP_MIN_LOG_LEVEL=3
 export KERAS_BACKEND=tensorflow
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install browser test test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -22,7 +22,11 @@ $(STAMP): constraints.txt pyproject.toml
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	@touch $(STAMP)
 
-test: $(STAMP)
+# The upload-page test drives a real headless Chromium from Debian's packages (needs root/apt).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m "not slow or slow" tests
 
 test-fast: $(STAMP)
