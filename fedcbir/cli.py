@@ -22,6 +22,7 @@ _REGISTRARS = [
     ("models.centralized", "register"),
     ("fedcbir.simulate", "register"),
     ("export.cli", "register"),
+    ("server.deploy", "register"),
     ("fedcbir.placeholders", "register_fedcbir"),
 ]
 

@@ -10,7 +10,6 @@ import argparse
 from fedcbir.errors import FedcbirError
 
 PENDING = {
-    "server": "start a real Flower SuperLink and run the federation (TLS, device auth)",
     "study": "compare frameworks under identical federations, with a report",
     "demo": "the main job end to end on the built-in sample catalog",
 }

@@ -25,62 +25,20 @@ The equivalent for Flower users, from a directory holding fedcbir's ``pyproject.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from fedcbir.errors import FedcbirError
+from fedcbir.flower import (FLOWER_ENV, FlowerCLI, ManagedProcess, app_pyproject, flower_env, free_port,  # noqa: F401
+                            read_rows, round_line, signals_as_exit, tail, tool, toml_value, wait_healthy,
+                            watch_run)
 
-FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-              "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 CONNECTION = "sim"
-
-
-# ----------------------------------------------------------------------------- TOML helpers
-
-
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        text = repr(v)
-        return text if ("." in text or "e" in text or "inf" in text or "nan" in text) else text + ".0"
-    return json.dumps(str(v))  # a TOML basic string (JSON escapes are valid TOML escapes)
-
-
-def app_pyproject(config: dict[str, Any]) -> str:
-    """pyproject.toml of a Flower app that runs fedcbir's installed components."""
-    from fedcbir import __version__
-
-    lines = [
-        "[build-system]", 'requires = ["setuptools>=68"]', 'build-backend = "setuptools.build_meta"', "",
-        "[project]", 'name = "fedcbir-sim"', f'version = "{__version__}"',
-        'description = "fedcbir federation (components from the installed fedcbir package)"',
-        'license = "Apache-2.0"', "dependencies = []", "",
-        "[tool.flwr.app]", 'publisher = "fedcbir"', "",
-        "[tool.flwr.app.components]", 'serverapp = "server.app:app"', 'clientapp = "edge_client.app:app"', "",
-        "[tool.flwr.app.config]",
-    ]
-    lines += [f"{k} = {toml_value(v)}" for k, v in config.items()]
-    return "\n".join(lines) + "\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_read_rows = read_rows  # old private names
+_sigterm_as_exit = signals_as_exit
 
 
 # ----------------------------------------------------------------------------- the runtime
@@ -90,41 +48,23 @@ class SimulationRuntime:
     """Own FLWR_HOME + own SuperLink (simulation mode); use as a context manager."""
 
     def __init__(self, log_dir: Path | None = None, startup_timeout: float = 60.0):
-        self.bin = Path(sys.executable).parent
-        self.home = Path(tempfile.mkdtemp(prefix="fedcbir-flwr-"))
         self.port = free_port()
+        self.cli = FlowerCLI(CONNECTION, f"127.0.0.1:{self.port}", insecure=True)
+        self.home = self.cli.home
         self.startup_timeout = startup_timeout
-        self.link: subprocess.Popen | None = None
-        self.descendants: set[int] = set()
+        self.link: ManagedProcess | None = None
+        self.pid: int | None = None
         self.log_file = self.home / "superlink.log"
-        env = dict(os.environ)
-        env.update(FLOWER_ENV)
-        env["FLWR_HOME"] = str(self.home)
-        env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '')}"  # superlink starts flower-superexec by name
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        env.setdefault("KERAS_BACKEND", "tensorflow")
-        env.setdefault("RAY_DEDUP_LOGS", "0")
-        self.env = env
-
-    def _tool(self, name: str) -> str:
-        path = self.bin / name
-        if not path.exists():
-            raise FedcbirError(f"{name} not found next to {sys.executable}: is flwr[simulation] installed?")
-        return str(path)
+        self.env = flower_env(self.home)
+        self.env.setdefault("RAY_DEDUP_LOGS", "0")
 
     def __enter__(self) -> "SimulationRuntime":
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n', encoding="utf-8")
-        self.pid: int | None = None
-        self.link = subprocess.Popen(
-            [self._tool("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
-             "--port", str(self.port)],
-            env=self.env, cwd=self.home, stdout=open(self.log_file, "w"), stderr=subprocess.STDOUT,
-            start_new_session=True)
+        self.link = ManagedProcess(
+            [tool("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(self.port)],
+            env=self.env, cwd=self.home, log_file=self.log_file)
         self.pid = self.link.pid
         try:
-            self._wait_healthy()
+            wait_healthy(self.link, "127.0.0.1", self.port, timeout=self.startup_timeout, log_tail=self.log_tail)
         except BaseException:
             self.stop()
             raise
@@ -133,153 +73,37 @@ class SimulationRuntime:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _wait_healthy(self) -> None:
-        import httpx
-
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.link.poll() is not None:
-                raise FedcbirError(f"flower-superlink exited with code {self.link.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=0.5).is_success:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise FedcbirError(f"flower-superlink did not become healthy within {self.startup_timeout:.0f} s")
-
     def log_tail(self, n: int = 20) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return tail(self.log_file, n)
 
-    def flwr(self, *args: str, timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess:
+    def flwr(self, *args: str, timeout: float = 120.0, check: bool = True):
         """Run the flwr CLI (always with the connection name, from the private home)."""
-        proc = subprocess.run([self._tool("flwr"), *args], env=self.env, cwd=self.home, capture_output=True,
-                              text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise FedcbirError(f"flwr {' '.join(args[:2])} failed (code {proc.returncode}): "
-                               f"{(proc.stdout + proc.stderr).strip()[-2000:]}")
-        return proc
+        return self.cli(*args, timeout=timeout, check=check)
 
     def submit(self, app_dir: Path, num_nodes: int, run_config_file: Path) -> str:
-        proc = self.flwr("run", str(app_dir), CONNECTION, "--format", "json", "--federation-config",
-                         f"num-supernodes={int(num_nodes)} client-resources-num-cpus=1",
-                         "--run-config", str(run_config_file))
-        try:
-            res = json.loads(proc.stdout)
-        except json.JSONDecodeError:
-            raise FedcbirError(f"flwr run printed no JSON: {proc.stdout[-2000:]} {proc.stderr[-2000:]}") from None
-        if not res.get("success", False) or "run-id" not in res:
-            raise FedcbirError(f"flwr run failed: {res}")
-        return str(res["run-id"])
+        return self.cli.submit(app_dir, run_config_file,
+                               federation_config=f"num-supernodes={int(num_nodes)} client-resources-num-cpus=1")
 
     def status(self, run_id: str) -> dict[str, Any]:
-        proc = self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json", timeout=60)
-        runs = json.loads(proc.stdout).get("runs", [])
-        return runs[0] if runs else {}
+        return self.cli.status(run_id)
 
     def logs(self, run_id: str) -> str:
-        proc = self.flwr("log", run_id, CONNECTION, "--show", timeout=120, check=False)
-        return proc.stdout + proc.stderr
+        return self.cli.logs(run_id)
 
     def stop_run(self, run_id: str) -> None:
-        self.flwr("stop", run_id, CONNECTION, timeout=60, check=False)
-
-    def _collect_descendants(self) -> None:
-        import psutil
-
-        if self.link is None:
-            return
-        try:
-            self.descendants.update(p.pid for p in psutil.Process(self.link.pid).children(recursive=True))
-        except psutil.Error:
-            pass
+        self.cli.stop_run(run_id)
 
     def stop(self) -> None:
         """SIGTERM the SuperLink (its superexec and flwr-simulation follow), then end any
         process it started that is still alive, each by PID."""
-        import psutil
-
         if self.link is None:
             return
-        self._collect_descendants()
-        if self.link.poll() is None:
-            self.link.terminate()
-            try:
-                self.link.wait(15)
-            except subprocess.TimeoutExpired:
-                self.link.kill()
-                self.link.wait(5)
-        left = []
-        for pid in sorted(self.descendants):
-            try:
-                p = psutil.Process(pid)
-                if p.status() != psutil.STATUS_ZOMBIE:
-                    left.append(p)
-            except psutil.Error:
-                pass
-        if left:
-            _, alive = psutil.wait_procs(left, timeout=10)
-            for p in alive:
-                try:
-                    p.terminate()
-                except psutil.Error:
-                    pass
-            _, alive = psutil.wait_procs(alive, timeout=5)
-            for p in alive:
-                try:
-                    p.kill()
-                except psutil.Error:
-                    pass
+        self.link.stop()
         self.link = None
-        shutil.rmtree(self.home, ignore_errors=True)
+        self.cli.remove()
 
 
 # ----------------------------------------------------------------------------- one simulation
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # being written
-    return rows
-
-
-@contextlib.contextmanager
-def _sigterm_as_exit():
-    """SIGTERM -> SystemExit, so the SuperLink (own session, not signalled with us) is
-    still stopped by the ``finally`` blocks. Only possible in the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def round_line(row: dict[str, Any], total: int) -> str:
-    if row["round"] == 0:
-        return f"round 0/{total} (before training): recall@1 {row['recall@1']:.3f}  map@r {row['map@r']:.3f}"
-    clients = row.get("clients", [])
-    by: dict[str, int] = {}
-    for c in clients:
-        by[c["status"]] = by.get(c["status"], 0) + 1
-    failed = ", ".join(f"{n} {s}" for s, n in sorted(by.items()) if s != "ok") or "0 failed"
-    return (f"round {row['round']}/{total}: {by.get('ok', 0)} ok, {failed} | recall@1 {row['recall@1']:.3f}  "
-            f"map@r {row['map@r']:.3f} | {row.get('seconds', 0):.1f} s wall, "
-            f"{row.get('simulated_round_seconds', 0):.1f} s on the slowest device")
 
 
 def simulate(run_config: dict[str, Any], num_nodes: int, *, on_row: Callable[[dict[str, Any]], None] | None = None,
@@ -296,7 +120,7 @@ def simulate(run_config: dict[str, Any], num_nodes: int, *, on_row: Callable[[di
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     seen = {int(r["round"]) for r in _read_rows(out / "metrics.jsonl")} if cfg.resume else set()
-    with _sigterm_as_exit(), SimulationRuntime() as rt:
+    with signals_as_exit(), SimulationRuntime() as rt:
         app_dir = rt.home / "app"
         app_dir.mkdir()
         (app_dir / "pyproject.toml").write_text(app_pyproject(DEFAULTS), encoding="utf-8")
@@ -305,24 +129,7 @@ def simulate(run_config: dict[str, Any], num_nodes: int, *, on_row: Callable[[di
         run_id = rt.submit(app_dir, num_nodes, rc_file)
         status: dict[str, Any] = {}
         try:
-            last_ls = 0.0
-            while True:
-                for row in _read_rows(out / "metrics.jsonl"):
-                    if int(row["round"]) not in seen:
-                        seen.add(int(row["round"]))
-                        if on_row:
-                            on_row(row)
-                if time.monotonic() - last_ls >= 3 * poll:
-                    last_ls = time.monotonic()
-                    status = rt.status(run_id)
-                    if str(status.get("status", "")).startswith("finished"):
-                        for row in _read_rows(out / "metrics.jsonl"):
-                            if int(row["round"]) not in seen:
-                                seen.add(int(row["round"]))
-                                if on_row:
-                                    on_row(row)
-                        break
-                time.sleep(poll)
+            status = watch_run(rt.cli, run_id, out / "metrics.jsonl", seen=seen, on_row=on_row, poll=poll)
         except BaseException:
             rt.stop_run(run_id)
             raise
@@ -332,10 +139,8 @@ def simulate(run_config: dict[str, Any], num_nodes: int, *, on_row: Callable[[di
             except Exception:  # noqa: BLE001 - the log is a convenience
                 pass
     if status.get("status") != "finished:completed":
-        tail = "\n".join((out / "flower.log").read_text(errors="replace").splitlines()[-25:]) \
-            if (out / "flower.log").is_file() else ""
         raise FedcbirError(f"simulation run {run_id} ended {status.get('status')}: "
-                           f"{status.get('status-details', '')}\n{tail}")
+                           f"{status.get('status-details', '')}\n{tail(out / 'flower.log', 25)}")
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     summary["wall_seconds"] = time.perf_counter() - t0
     summary["flower_run_id"] = run_id
@@ -355,23 +160,9 @@ _FLAGGED = {"catalog": "--catalog/--sample", "num-server-rounds": "--rounds", "f
 
 def _run_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     from models.centralized import _resolve_catalog
-    from server.runconfig import DEFAULTS
+    from server.runconfig import parse_sets
 
-    rc: dict[str, Any] = {}
-    for item in args.set or []:
-        if "=" not in item:
-            raise FedcbirError(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        k = k.strip()
-        if k in _FLAGGED:
-            raise FedcbirError(f"--set {k}: use its own option ({_FLAGGED[k]})")
-        if k not in DEFAULTS:
-            raise FedcbirError(f"--set: unknown run-config key {k!r} (known: {', '.join(DEFAULTS)})")
-        d = DEFAULTS[k]
-        try:
-            rc[k] = (v.strip().lower() in ("1", "true", "yes", "on")) if isinstance(d, bool) else type(d)(v)
-        except ValueError:
-            raise FedcbirError(f"--set {k}: expected a {type(d).__name__}, got {v!r}") from None
+    rc = parse_sets(args.set, _FLAGGED)
     rc.update({
         "catalog": str(_resolve_catalog(args).resolve()), "num-server-rounds": args.rounds,
         "frameworks": args.frameworks, "profiles": args.profiles, "partition": args.partition,

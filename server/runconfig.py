@@ -252,6 +252,27 @@ class RunConfig:
         return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def parse_sets(items: list[str] | None, flagged: Mapping[str, str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` options -> run-config overrides, typed like :data:`DEFAULTS`; keys that
+    have their own option (``flagged``: key -> option) or are unknown are refused."""
+    rc: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise FedcbirError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        k = k.strip()
+        if k in flagged:
+            raise FedcbirError(f"--set {k}: use its own option ({flagged[k]})")
+        if k not in DEFAULTS:
+            raise FedcbirError(f"--set: unknown run-config key {k!r} (known: {', '.join(DEFAULTS)})")
+        d = DEFAULTS[k]
+        try:
+            rc[k] = (v.strip().lower() in ("1", "true", "yes", "on")) if isinstance(d, bool) else type(d)(v)
+        except ValueError:
+            raise FedcbirError(f"--set {k}: expected a {type(d).__name__}, got {v!r}") from None
+    return rc
+
+
 def derive_seed(*parts: int) -> int:
     """A 31-bit seed from integers (seed, round, partition, ...), stable across platforms."""
     h = hashlib.blake2b(":".join(str(int(p)) for p in parts).encode(), digest_size=4).digest()
