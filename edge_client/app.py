@@ -39,7 +39,8 @@ ERROR_CODE = 0  # flwr ErrorCode.UNKNOWN: our own failures; the reason says whic
 STATE_BN = "fedbn"
 STATE_BN_META = "fedbn-meta"
 
-TRAIN_METRIC_KEYS = ("num-examples", "loss", "steps", "host-seconds", "process-seconds", "compute-seconds",
+TRAIN_METRIC_KEYS = ("num-examples", "loss", "steps", "host-seconds", "cpu-seconds", "process-seconds",
+                     "compute-seconds",
                      "transfer-seconds", "simulated-seconds", "bytes-down", "bytes-up", "peak-rss-mb",
                      "partition-id", "framework-code", "server-round")
 EVAL_METRIC_KEYS = ("num-examples", "recall@1", "recall@5", "recall@10", "map@r", "type_precision@1",
@@ -164,12 +165,15 @@ def _train(msg: Message, context: Context) -> Message:
     _store_local_bn(node, context, server_round, new)
     upload = ArrayRecord({k: Array(np.ascontiguousarray(new[k], dtype=np.float32)) for k in new})
     bytes_up = record_bytes(upload)
-    compute = node.emulator.compute_seconds(float(wm["train_seconds"]))
+    # the device's compute time scales the host's CPU seconds of the (one-thread) training: on a
+    # shared machine, wall seconds would also count the time other processes held the core
+    cpu = float(wm.get("train_cpu_seconds", wm["train_seconds"]))
+    compute = node.emulator.compute_seconds(cpu)
     transfer = node.emulator.transfer_seconds(bytes_down, bytes_up)
     metrics = {
         "num-examples": int(wm["examples"]), "loss": float(wm["loss"]), "steps": int(wm["steps"]),
-        "host-seconds": float(wm["train_seconds"]), "process-seconds": float(wm["process_seconds"]),
-        "compute-seconds": float(compute), "transfer-seconds": float(transfer),
+        "host-seconds": float(wm["train_seconds"]), "cpu-seconds": cpu,
+        "process-seconds": float(wm["process_seconds"]), "compute-seconds": float(compute), "transfer-seconds": float(transfer),
         "simulated-seconds": float(compute + transfer), "bytes-down": bytes_down, "bytes-up": bytes_up,
         "peak-rss-mb": float(wm["peak_rss_mb"]), "partition-id": node.partition,
         "framework-code": FRAMEWORK_CODES[node.framework], "server-round": server_round,

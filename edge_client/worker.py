@@ -102,7 +102,8 @@ def run_job(job: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *, cache_t
         tm = trainer.train(stream)
         out = trainer.get_weights()
         metrics.update(loss=float(tm["loss"]), examples=int(tm["examples"]), steps=int(tm["steps"]),
-                       train_seconds=float(tm["seconds"]), train_images=len(table))
+                       train_seconds=float(tm["seconds"]), train_cpu_seconds=float(tm["cpu_seconds"]),
+                       train_images=len(table))
     elif job["mode"] == "evaluate":
         from catalog.batches import eval_batches
         from retrieval.evaluate import RetrievalEval

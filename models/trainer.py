@@ -117,6 +117,7 @@ class Trainer:
         steps = examples = 0
         tot = sup = ce = 0.0
         t0 = time.perf_counter()
+        c0 = time.process_time()
         done = False
         for _ in range(epochs):
             for batch in batches:
@@ -133,11 +134,12 @@ class Trainer:
             if done:
                 break
         seconds = time.perf_counter() - t0
+        cpu_seconds = time.process_time() - c0
         d = max(steps, 1)
         return {
             "framework": self.framework,
             "loss": tot / d, "loss_supcon": sup / d, "loss_type": ce / d,
-            "examples": examples, "steps": steps, "seconds": seconds,
+            "examples": examples, "steps": steps, "seconds": seconds, "cpu_seconds": cpu_seconds,
             "peak_rss_mb": peak_rss_mb(), "threads": thread_info(),
         }
 

@@ -38,7 +38,8 @@ from server.strategies import (make_strategy, optimizer_state, restore_optimizer
 
 CHECKPOINT_DIR = "checkpoints"
 CLIENT_KEYS = {  # metrics.jsonl client field <- reply metric
-    "simulated_seconds": "simulated-seconds", "host_seconds": "host-seconds", "process_seconds": "process-seconds",
+    "simulated_seconds": "simulated-seconds", "host_seconds": "host-seconds", "cpu_seconds": "cpu-seconds",
+    "process_seconds": "process-seconds",
     "compute_seconds": "compute-seconds", "transfer_seconds": "transfer-seconds", "bytes_up": "bytes-up",
     "bytes_down": "bytes-down", "peak_rss_mb": "peak-rss-mb", "num_examples": "num-examples", "loss": "loss",
 }
