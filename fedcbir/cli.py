@@ -23,6 +23,7 @@ _REGISTRARS = [
     ("fedcbir.simulate", "register"),
     ("export.cli", "register"),
     ("server.deploy", "register"),
+    ("fedcbir.demo", "register"),
     ("fedcbir.placeholders", "register_fedcbir"),
 ]
 

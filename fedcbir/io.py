@@ -59,3 +59,25 @@ def cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "fedcbir"
+
+
+@contextmanager
+def stderr_to(path: str | os.PathLike) -> Iterator[Path]:
+    """Send file descriptor 2 (C++ libraries' logs, Python warnings) to ``path`` (appended)
+    while the block runs, e.g. the exporters' converter chatter; restored afterwards."""
+    import sys
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "ab") as f:
+            os.dup2(f.fileno(), 2)
+            try:
+                yield path
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)

@@ -11,7 +11,6 @@ from fedcbir.errors import FedcbirError
 
 PENDING = {
     "study": "compare frameworks under identical federations, with a report",
-    "demo": "the main job end to end on the built-in sample catalog",
 }
 
 
