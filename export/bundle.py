@@ -50,7 +50,9 @@ class ExportOptions:
     calibration_images: int = 256
     parity_images: int = 16
     pte_max_batch: int = 8
-    tflite_int8_float_ops: Sequence[str] = ("HARD_SWISH",)
+    tflite_int8_float_ops: Sequence[str] = ("HARD_SWISH",)  # () = full integer (nothing float)
+    tflite_int8_ranges: str = "mse"  # activation ranges: mse (least squares) | minmax (the converter's)
+    tflite_int8_float_stride: int = 8  # stem + blocks with output stride <= this stay float; 0: none
     onnx_int8_activations: str = "uint8"
     seed: int | None = None  # catalog split seed (default: the checkpoint's, else 0)
     test_fraction: float | None = None  # default: the checkpoint's, else 0.2
@@ -71,6 +73,10 @@ class ExportOptions:
             raise FedcbirError("calibration/parity image counts and the pte max batch must be >= 1")
         if self.onnx_int8_activations not in ("uint8", "int8"):
             raise FedcbirError("onnx int8 activations must be uint8 or int8")
+        if self.tflite_int8_ranges not in ("mse", "minmax"):
+            raise FedcbirError("tflite int8 activation ranges must be mse or minmax")
+        if self.tflite_int8_float_stride < 0:
+            raise FedcbirError("the tflite int8 float stride must be >= 0 (0: no float layers)")
 
 
 def plan_files(opts: ExportOptions) -> list[tuple[str, str, str, str]]:
@@ -326,7 +332,8 @@ def _convert_all(plan, spec, weights, calib, tmp: Path, opts: ExportOptions, log
         t = time.perf_counter()
         fn = C.jax_tflite if opts.source == "jax" else C.keras_tflite
         try:
-            res = fn(spec, weights, precs, calib, int8_float_ops=tuple(opts.tflite_int8_float_ops))
+            res = fn(spec, weights, precs, calib, int8_float_ops=tuple(opts.tflite_int8_float_ops),
+                     int8_ranges=opts.tflite_int8_ranges, int8_float_stride=int(opts.tflite_int8_float_stride))
         except FedcbirError:
             raise
         except Exception as exc:

@@ -70,8 +70,16 @@ def register(sub) -> None:
                         "jax: .tflite from the Flax model through jax2tf (static batch 1); "
                         ".onnx/.pte always come from PyTorch")
     e.add_argument("--tflite-int8", choices=["fast", "full"], default="fast",
-                   help="fast (default): hard-swish stays float inside the int8 .tflite, because "
-                        "XNNPACK has no int8 hard-swish; full: every op int8 (integer-only hardware)")
+                   help="fast (default): hard-swish (XNNPACK has no int8 hard-swish) and the "
+                        "high-resolution layers (see --tflite-int8-float-stride) stay float inside "
+                        "the int8 .tflite; full: every op int8 (integer-only hardware)")
+    e.add_argument("--tflite-int8-ranges", choices=["mse", "minmax"], default="mse",
+                   help="int8 .tflite activation ranges: mse (default): per tensor, the range with the "
+                        "least squared int8 error on the calibration activations; minmax: the "
+                        "converter's min/max (the earlier default)")
+    e.add_argument("--tflite-int8-float-stride", type=int, default=8, metavar="N",
+                   help="with --tflite-int8 fast: the stem and the blocks with output stride <= N stay "
+                        "float in the int8 .tflite (default 8; 0: none). Keras route only")
     e.add_argument("--pte-max-batch", type=int, default=8, metavar="N",
                    help="largest batch the .pte files accept (sizes their memory plan; default 8)")
     v = p.add_argument_group("verify options")
@@ -113,6 +121,7 @@ def _export(args) -> int:
         source=args.source, calibration=args.calibration,
         calibration_images=args.calibration_images, pte_max_batch=args.pte_max_batch,
         tflite_int8_float_ops=("HARD_SWISH",) if args.tflite_int8 == "fast" else (),
+        tflite_int8_ranges=args.tflite_int8_ranges, tflite_int8_float_stride=args.tflite_int8_float_stride,
         seed=args.seed)
     manifest = export_bundle(args.target, args.out, opts)
     summary = {"bundle": str(args.out), "files": {

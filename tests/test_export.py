@@ -140,7 +140,10 @@ def test_manifest_contents(bundle, checkpoint, capsys):
             assert par["ok"] is True, (name, par)
         else:
             assert f["quantization"]["weights"].startswith("int8") and par["ok"] is None
-    assert man["files"]["model.int8.tflite"]["quantization"]["float_ops"] == ["HARD_SWISH"]
+    q = man["files"]["model.int8.tflite"]["quantization"]
+    assert q["float_ops"] == ["HARD_SWISH"]
+    assert q["activation_ranges"]["method"] == "mse" and q["activation_ranges"]["tensors"] > 0
+    assert q["float_layers"] == ["stem", "blocks_0", "blocks_1", "blocks_2"] and q["float_nodes"] > 0
     assert man["files"]["model.int8.onnx"]["quantization"]["format"] == "QDQ"
     assert man["files"]["model.pte"]["input"]["max_batch"] == 8
     assert man["data"]["calibration"]["images"] == 24 and man["data"]["calibration"]["from"] == "training products"
@@ -315,6 +318,87 @@ def test_not_a_bundle(tmp_path):
         rt.open_bundle(tmp_path / "nope")
     with pytest.raises(FedcbirError, match="not a fedcbir bundle"):
         rt.open_bundle(tmp_path)
+
+
+# ------------------------------------------------------------------------------ int8 .tflite
+def _tflite_ops(path):
+    """[(op name, output tensor name, output dtype name)] of a .tflite file."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path))
+    td = {t["index"]: t for t in it.get_tensor_details()}
+    return [(o["op_name"], td[o["outputs"][0]]["name"], td[o["outputs"][0]]["dtype"].__name__)
+            for o in it._get_ops_details()]
+
+
+def _layer_ops(ops, *prefixes):
+    return [(op, dt) for op, name, dt in ops if op not in ("QUANTIZE", "DEQUANTIZE")
+            and any(f"/{p}_" in part for part in name.split(";") for p in prefixes)]
+
+
+def test_int8_tflite_float_layers(bundle):
+    """Default int8 .tflite: hard-swish and the high-resolution layers (stem, blocks 0-2 of
+    the test spec: output stride <= 8) run in float, everything after in int8."""
+    ops = _tflite_ops(bundle / "model.int8.tflite")
+    assert ops[0][0] != "QUANTIZE"  # the float input goes straight into the float stem
+    early = _layer_ops(ops, "stem", "blocks_0", "blocks_1", "blocks_2")
+    late = _layer_ops(ops, "blocks_3", "blocks_4")
+    assert early and all(dt == "float32" for _, dt in early)
+    assert {op for op, dt in late if dt == "int8"} >= {"CONV_2D", "DEPTHWISE_CONV_2D"}
+    assert all(dt == "float32" for op, dt in late if op == "HARD_SWISH")
+    assert all(dt == "int8" for op, dt in late if op != "HARD_SWISH")
+
+
+def test_int8_tflite_previous_behaviour_and_options(checkpoint, tmp_path, capsys):
+    out = tmp_path / "b"
+    assert _main(["export", str(checkpoint), "--out", str(out), "--formats", "tflite", "--quantize", "int8",
+                  "--calibration-images", "24", "--tflite-int8-ranges", "minmax",
+                  "--tflite-int8-float-stride", "0", "--json"]) == 0
+    capsys.readouterr()
+    q = rt.open_bundle(out).manifest["files"]["model.int8.tflite"]["quantization"]
+    assert q["activation_ranges"] == {"method": "minmax"} and q["float_layers"] == [] and q["float_nodes"] == 0
+    assert q["float_ops"] == ["HARD_SWISH"]
+    ops = _tflite_ops(out / "model.int8.tflite")
+    assert ops[0][0] == "QUANTIZE"  # all-int8 stem
+    assert all(dt == "int8" for op, dt in _layer_ops(ops, "stem", "blocks_0") if op != "HARD_SWISH")
+    assert _main(["export", str(checkpoint), "--out", str(tmp_path / "x"), "--tflite-int8-float-stride", "-1"]) == 2
+    assert "float stride" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_full_integer_tflite_keeps_nothing_float(checkpoint, sample_catalog):
+    """--tflite-int8 full (int8_float_ops=()): no float layers either, whatever the stride."""
+    from export.converters import keras_tflite
+    from models.checkpoint import load_checkpoint
+    from models.spec import ArchSpec
+
+    w, meta = load_checkpoint(checkpoint)
+    x, _ = _catalog_x(sample_catalog, n_products=3)
+    data, facts = keras_tflite(ArchSpec.from_dict(meta["arch"]), w, ["int8"], x[:16], int8_float_ops=())["int8"]
+    q = facts["quantization"]
+    assert q["float_ops"] == [] and q["float_layers"] == [] and q["float_nodes"] == 0
+    assert q["activation_ranges"]["method"] == "mse"
+    assert facts["ops"].get("QUANTIZE") == 1 and facts["ops"].get("DEQUANTIZE") == 1  # only at the ends
+
+
+def test_high_resolution_layers_and_best_range():
+    from export.converters import _best_range, high_resolution_layers
+    from models.spec import ArchSpec
+
+    full = ArchSpec()  # MobileNetV3-Small, 96 px
+    assert high_resolution_layers(full, 8) == ["stem", "blocks_0", "blocks_1", "blocks_2"]
+    assert high_resolution_layers(full, 2) == ["stem"] and high_resolution_layers(full, 1) == []
+    assert high_resolution_layers(full, 16)[-1] == "blocks_7"
+    # uniform values: the full observed range is best
+    assert _best_range(np.full(2048, 10), -1.0, 1.0) == (-1.0, 1.0)
+    # heavy tail (a few values at 20x the bulk's std): clip the tail, keep the bulk
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.standard_normal(1_000_000), [20.0, -20.0]])
+    h = np.histogram(v, bins=2048, range=(-20.0, 20.0))[0]
+    lo, hi = _best_range(h, -20.0, 20.0)
+    assert -8 < lo < -3 and 3 < hi < 8 and abs(lo + hi) < 0.5
+    # post-ReLU tensor (min 0): the low end stays at 0
+    assert _best_range(np.histogram(np.abs(v), bins=2048, range=(0.0, 20.0))[0], 0.0, 20.0)[0] == 0.0
 
 
 # ------------------------------------------------------------------------------ export CLI
