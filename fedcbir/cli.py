@@ -24,6 +24,7 @@ _REGISTRARS = [
     ("export.cli", "register"),
     ("server.deploy", "register"),
     ("fedcbir.demo", "register"),
+    ("fedcbir.study", "register"),
     ("fedcbir.placeholders", "register_fedcbir"),
 ]
 

@@ -10,7 +10,6 @@ import argparse
 from fedcbir.errors import FedcbirError
 
 PENDING = {
-    "study": "compare frameworks under identical federations, with a report",
 }
 
 

@@ -4,8 +4,9 @@
 fedprox, fedadam, fedtrimmedavg, krum) and builds a subclass of it with
 :class:`ValidatingMixin` in front. The mixin's ``aggregate_train``:
 
-1. sorts the replies by source node (aggregation order, hence float rounding, must not
-   depend on arrival order: a resumed run gives bit-identical weights);
+1. sorts the replies by the partition id they report, then by source node (aggregation
+   order, hence float rounding, must not depend on arrival order or on the node ids a
+   runtime happens to draw: a resumed or repeated run gives bit-identical weights);
 2. classifies Error replies (reason ``offline:...`` -> ``offline``, anything else ->
    ``dropped``);
 3. validates each content reply (exactly one ArrayRecord and one MetricRecord with a
@@ -49,6 +50,22 @@ def error_status(reason: str) -> str:
     return "offline" if reason.strip().lower().startswith("offline:") else "dropped"
 
 
+def _reply_order(msg: Message) -> tuple[int, int, str]:
+    """Sort key of a train reply: its ``partition-id`` metric (the data it trained on, stable
+    across runs, unlike node ids, which Flower draws at random), then node id and message id;
+    error or malformed replies sort after the others."""
+    part = 1 << 62
+    try:
+        if not msg.has_error():
+            for rec in msg.content.metric_records.values():
+                if "partition-id" in rec:
+                    part = int(rec["partition-id"])
+                    break
+    except Exception:  # noqa: BLE001 - validated later; only the order is decided here
+        pass
+    return part, int(msg.metadata.src_node_id), str(msg.metadata.reply_to_message_id)
+
+
 class ValidatingMixin:
     """Put in front of a Flower strategy class (see module doc)."""
 
@@ -63,7 +80,7 @@ class ValidatingMixin:
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = sorted(replies, key=lambda m: (m.metadata.src_node_id, m.metadata.reply_to_message_id))
+        replies = sorted(replies, key=_reply_order)
         report: list[dict[str, Any]] = []
         self.last_report = report
         if self.reference is None:
