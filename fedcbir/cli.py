@@ -77,5 +77,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(build_parser(), argv)
 
 
+def run_one(register: Callable, name: str, argv: Sequence[str] | None = None) -> int:
+    """``python -m MODULE ...`` for a module that registers one ``fedcbir NAME`` subcommand:
+    the same parser and error handling as ``fedcbir NAME ...`` (the leading NAME is optional)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] != [name]:
+        argv = [name, *argv]
+    parser = argparse.ArgumentParser(prog="fedcbir")
+    register(parser.add_subparsers(dest="command", required=True))
+    return run(parser, argv)
+
+
 if __name__ == "__main__":
     sys.exit(main())

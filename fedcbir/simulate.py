@@ -257,13 +257,10 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_simulate)
 
 
-def main(argv=None) -> int:  # python -m fedcbir.simulate ... (before the lead wires it into fedcbir)
-    from fedcbir.cli import run
+def main(argv=None) -> int:  # python -m fedcbir.simulate ... = fedcbir simulate ...
+    from fedcbir.cli import run_one
 
-    parser = argparse.ArgumentParser(prog="fedcbir")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    return run(parser, argv)
+    return run_one(register, "simulate", argv)
 
 
 if __name__ == "__main__":

@@ -147,23 +147,9 @@ def parse_frameworks(text: str) -> list[str]:
 
 def parse_set(items: Sequence[str] | None) -> dict[str, Any]:
     """``--set KEY=VALUE`` pairs -> run-config entries, typed like ``server.runconfig.DEFAULTS``."""
-    from server.runconfig import DEFAULTS
+    from server.runconfig import parse_sets
 
-    rc: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise FedcbirError(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = (s.strip() for s in item.split("=", 1))
-        if k in OWN_KEYS:
-            raise FedcbirError(f"--set {k}: the study sets it (use {OWN_KEYS[k]})")
-        if k not in DEFAULTS:
-            raise FedcbirError(f"--set: unknown run-config key {k!r} (known: {', '.join(DEFAULTS)})")
-        d = DEFAULTS[k]
-        try:
-            rc[k] = (v.lower() in ("1", "true", "yes", "on")) if isinstance(d, bool) else type(d)(v)
-        except ValueError:
-            raise FedcbirError(f"--set {k}: expected a {type(d).__name__}, got {v!r}") from None
-    return rc
+    return parse_sets(items, OWN_KEYS)
 
 
 def resolve_catalog(args: argparse.Namespace) -> Path:
@@ -1286,16 +1272,10 @@ def register(sub) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fedcbir.study [study] ...`` (until the lead wires it into ``fedcbir``)."""
-    from fedcbir.cli import run
+    """``python -m fedcbir.study [study] ...`` = ``fedcbir study ...``."""
+    from fedcbir.cli import run_one
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "study":
-        argv = ["study", *argv]
-    parser = argparse.ArgumentParser(prog="fedcbir")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    return run(parser, argv)
+    return run_one(register, "study", argv)
 
 
 if __name__ == "__main__":

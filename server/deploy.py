@@ -387,13 +387,10 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_server)
 
 
-def main(argv=None) -> int:  # python -m server.deploy ... (before the lead wires it into fedcbir)
-    from fedcbir.cli import run
+def main(argv=None) -> int:  # python -m server.deploy ... = fedcbir server ...
+    from fedcbir.cli import run_one
 
-    parser = argparse.ArgumentParser(prog="fedcbir")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    return run(parser, argv)
+    return run_one(register, "server", argv)
 
 
 if __name__ == "__main__":
