@@ -25,7 +25,6 @@ _REGISTRARS = [
     ("server.deploy", "register"),
     ("fedcbir.demo", "register"),
     ("fedcbir.study", "register"),
-    ("fedcbir.placeholders", "register_fedcbir"),
 ]
 
 FLOWER_ENV = {
