@@ -461,6 +461,17 @@ def print_summary(result: dict[str, Any], say) -> None:
         f"({result['stage_seconds']['total']:.0f} s)")
 
 
+def _precheck(catalog: Path, settings: DemoSettings) -> None:
+    """Fail here, in one line, on a catalog or partition the federation could not use."""
+    from catalog.dataset import CatalogSplit
+    from catalog.splits import partition
+
+    if not catalog.is_dir():
+        raise FedcbirError(f"catalog {catalog} does not exist (give --catalog ROOT in the ABO layout, or --sample)")
+    split = CatalogSplit.load(catalog, seed=settings.seed, test_fraction=0.2)
+    partition(split.train, len(DEVICES), settings.partition, settings.seed)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fedcbir.io import print_json
     from models.centralized import _resolve_catalog
@@ -473,6 +484,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     settings = DemoSettings(rounds=args.rounds, local_epochs=args.local_epochs, partition=args.partition,
                             queries=args.queries, overrides=parse_sets(args.set, _FLAGGED))
+    _precheck(catalog, settings)
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
     result = run_demo(Path(args.out), catalog, settings, fresh=args.fresh, say=say)
     if args.json:

@@ -22,9 +22,15 @@ TINY = ["--set", "width=0.35", "--set", "input-size=32", "--set", "embedding-dim
     (["--set", "frameworks=torch"], "fixed: torch,tf,jax"),
     (["--set", "nonsense=1"], "unknown run-config key"),
     (["--set", "width"], "expects KEY=VALUE"),
+    (["--catalog", "/nonexistent/abo"], "does not exist"),
+    (["--partition", "zipf:2"], "partition"),
 ])
 def test_demo_refuses_bad_options_in_one_line(tmp_path, capsys, args, text):
-    rc = main(["demo", "--out", str(tmp_path / "d"), "--catalog", str(tmp_path), *args])
+    from catalog.sample import generate_sample
+
+    cat = tmp_path / "cat"
+    generate_sample(cat, products=12, views=3, seed=0, progress=False)
+    rc = main(["demo", "--out", str(tmp_path / "d"), "--catalog", str(cat), *args])
     err = capsys.readouterr().err
     assert rc == 2 and text in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "d").exists()
