@@ -8,8 +8,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-_UMASK = os.umask(0)  # read once at import (os.umask can only be read by setting it)
-os.umask(_UMASK)
+
+def _read_umask() -> int:
+    """The process umask without changing it (Linux reports it in /proc/self/status; elsewhere
+    os.umask must set it to read it, briefly, at import)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 
 
 @contextmanager
