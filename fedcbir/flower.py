@@ -289,6 +289,58 @@ def tail(path: Path, n: int = 20) -> str:
         return ""
 
 
+class SuperLinkProcess:
+    """A ``flower-superlink`` this process starts and stops: a context manager that starts
+    :meth:`command` in ``cli.home`` with ``env``, waits for ``/health`` (https when
+    :meth:`ca_file` gives a CA) and on exit or failure stops it and everything it started,
+    by PID. Subclasses set ``cli``, ``env``, ``log_file``, ``local_host``, ``port``."""
+
+    cli: "FlowerCLI"
+    env: dict[str, str]
+    log_file: Path
+    local_host: str
+    port: int
+    startup_timeout: float = 60.0
+    tail_lines: int = 20
+    link: ManagedProcess | None = None
+    pid: int | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ca_file(self) -> Path | None:
+        return None
+
+    def __enter__(self):
+        self.link = ManagedProcess(self.command(), env=self.env, cwd=self.cli.home, log_file=self.log_file)
+        self.pid = self.link.pid
+        try:
+            wait_healthy(self.link, self.local_host, self.port, ca_file=self.ca_file(),
+                         timeout=self.startup_timeout, log_tail=self.log_tail)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def log_tail(self, n: int | None = None) -> str:
+        return tail(self.log_file, n or self.tail_lines)
+
+    def check_alive(self) -> None:
+        if self.link is not None and not self.link.alive():
+            raise FedcbirError(f"flower-superlink exited with code {self.link.proc.returncode}:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        """SIGTERM the SuperLink (its SuperExec and apps follow), then end any process it
+        started that is still alive, each by PID; remove the private FLWR_HOME."""
+        if self.link is not None:
+            self.link.stop()
+            self.link = None
+        self.cli.remove()
+
+
 # ----------------------------------------------------------------------------- the flwr CLI
 
 

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedcbir.errors import FedcbirError
-from fedcbir.flower import (FLOWER_ENV, FlowerCLI, ManagedProcess, app_pyproject, flower_env, free_port,  # noqa: F401
-                            read_rows, round_line, signals_as_exit, tail, tool, toml_value, wait_healthy,
-                            watch_run)
+from fedcbir.flower import (FLOWER_ENV, FlowerCLI, ManagedProcess, SuperLinkProcess, app_pyproject,  # noqa: F401
+                            flower_env, free_port, read_rows, round_line, signals_as_exit, tail, tool, toml_value,
+                            wait_healthy, watch_run)
 
 CONNECTION = "sim"
 _read_rows = read_rows  # old private names
@@ -44,37 +44,22 @@ _sigterm_as_exit = signals_as_exit
 # ----------------------------------------------------------------------------- the runtime
 
 
-class SimulationRuntime:
-    """Own FLWR_HOME + own SuperLink (simulation mode); use as a context manager."""
+class SimulationRuntime(SuperLinkProcess):
+    """Own FLWR_HOME + own SuperLink (simulation mode, in-memory state, a free 127.0.0.1
+    port); use as a context manager."""
 
     def __init__(self, log_dir: Path | None = None, startup_timeout: float = 60.0):
+        self.local_host = "127.0.0.1"
         self.port = free_port()
         self.cli = FlowerCLI(CONNECTION, f"127.0.0.1:{self.port}", insecure=True)
         self.home = self.cli.home
         self.startup_timeout = startup_timeout
-        self.link: ManagedProcess | None = None
-        self.pid: int | None = None
         self.log_file = self.home / "superlink.log"
         self.env = flower_env(self.home)
         self.env.setdefault("RAY_DEDUP_LOGS", "0")
 
-    def __enter__(self) -> "SimulationRuntime":
-        self.link = ManagedProcess(
-            [tool("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=self.env, cwd=self.home, log_file=self.log_file)
-        self.pid = self.link.pid
-        try:
-            wait_healthy(self.link, "127.0.0.1", self.port, timeout=self.startup_timeout, log_tail=self.log_tail)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def log_tail(self, n: int = 20) -> str:
-        return tail(self.log_file, n)
+    def command(self) -> list[str]:
+        return [tool("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(self.port)]
 
     def flwr(self, *args: str, timeout: float = 120.0, check: bool = True):
         """Run the flwr CLI (always with the connection name, from the private home)."""
@@ -92,15 +77,6 @@ class SimulationRuntime:
 
     def stop_run(self, run_id: str) -> None:
         self.cli.stop_run(run_id)
-
-    def stop(self) -> None:
-        """SIGTERM the SuperLink (its superexec and flwr-simulation follow), then end any
-        process it started that is still alive, each by PID."""
-        if self.link is None:
-            return
-        self.link.stop()
-        self.link = None
-        self.cli.remove()
 
 
 # ----------------------------------------------------------------------------- one simulation

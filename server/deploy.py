@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcbir.errors import FedcbirError
+from fedcbir.flower import SuperLinkProcess
 
 CONNECTION = "deploy"
 DEFAULT_PORT = 9092
@@ -142,8 +143,10 @@ def stop_leftovers(out: Path, say=print) -> list[int]:
     return [p.pid for p in procs]
 
 
-class Deployment:
+class Deployment(SuperLinkProcess):
     """The SuperLink and the flwr CLI of one ``fedcbir server`` session (a context manager)."""
+
+    tail_lines = 15
 
     def __init__(self, host: str, port: int, out: Path, *, certs=None, require_auth: bool = False,
                  say=print):
@@ -157,11 +160,11 @@ class Deployment:
         self.local_host = "127.0.0.1" if host in WILDCARDS else host
         self.cli = FlowerCLI(CONNECTION, f"{self.local_host}:{self.port}", insecure=certs is None,
                              root_certificates=certs.ca if certs is not None else None, prefix="fedcbir-server-")
-        self.link = None
+        self.env = self.cli.env
         self.log_file = out / "superlink.log"
 
-    def __enter__(self) -> "Deployment":
-        from fedcbir.flower import ManagedProcess, tool, wait_healthy
+    def command(self) -> list[str]:
+        from fedcbir.flower import tool
 
         cmd = [tool("flower-superlink")]
         if self.certs is None:
@@ -174,22 +177,10 @@ class Deployment:
         cmd += ["--host", self.host, "--port", str(self.port)]
         with open(self.log_file, "a", encoding="utf-8") as f:
             f.write(f"\n==== fedcbir server {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
-        self.link = ManagedProcess(cmd, env=self.cli.env, cwd=self.cli.home, log_file=self.log_file)
-        try:
-            wait_healthy(self.link, self.local_host, self.port,
-                         ca_file=self.certs.ca if self.certs is not None else None, log_tail=self.log_tail)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        return cmd
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def log_tail(self, n: int = 15) -> str:
-        from fedcbir.flower import tail
-
-        return tail(self.log_file, n)
+    def ca_file(self) -> Path | None:
+        return self.certs.ca if self.certs is not None else None
 
     def record(self) -> None:
         """Write RUN/.fedcbir-server.json: this session's processes (see :func:`stop_leftovers`)."""
@@ -205,16 +196,11 @@ class Deployment:
             "server_pid": os.getpid(), "server_create_time": me["create_time"] if me else 0,
             "processes": [i for i in (_identity(p) for p in pids) if i]})
 
-    def check_alive(self) -> None:
-        if self.link is not None and not self.link.alive():
-            raise FedcbirError(f"flower-superlink exited with code {self.link.proc.returncode}:\n{self.log_tail()}")
-
     def stop(self) -> None:
-        if self.link is not None:
-            self.link.stop()
-            self.link = None
+        started = self.link is not None
+        super().stop()
+        if started:  # everything it recorded is stopped now
             (self.out / STATE_FILE).unlink(missing_ok=True)
-        self.cli.remove()
 
 
 def serve(rc: dict[str, Any], *, host: str, port: int, certs_dir: str | None, insecure: bool,
