@@ -59,7 +59,7 @@ def test_demo_report_pieces(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_catalog(tmp_path_factory):
+def demo_catalog(tmp_path_factory):
     from catalog.sample import generate_sample
 
     root = tmp_path_factory.mktemp("democat") / "sample"
@@ -76,13 +76,13 @@ def _demo(out: Path, catalog: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_and_cached_rerun(tmp_path, tiny_catalog):
+def test_demo_end_to_end_and_cached_rerun(tmp_path, demo_catalog):
     import importlib.util
 
     if not all(importlib.util.find_spec(m) for m in ("tensorflow", "jax", "torch")):
         pytest.skip("needs torch, tensorflow and jax")
     out = tmp_path / "demo"
-    p = _demo(out, tiny_catalog)
+    p = _demo(out, demo_catalog)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     text = p.stdout
     assert "Traceback" not in text + p.stderr
@@ -110,14 +110,14 @@ def test_demo_end_to_end_and_cached_rerun(tmp_path, tiny_catalog):
 
     # a second run reuses the federation and the bundle, and updates nothing in the index
     bundle_manifest = (out / "bundle" / "model.onnx").stat().st_mtime_ns
-    again = _demo(out, tiny_catalog)
+    again = _demo(out, demo_catalog)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "reusing the finished federation" in again.stdout and "reusing the bundle" in again.stdout
     assert (out / "bundle" / "model.onnx").stat().st_mtime_ns == bundle_manifest
     assert json.loads((out / "demo.json").read_text())["stage_seconds"]["federation"] < 30
 
     # other settings in the same folder: refused in one line, nothing changed
-    other = _demo(out, tiny_catalog, "--partition", "dirichlet:0.5")
+    other = _demo(out, demo_catalog, "--partition", "dirichlet:0.5")
     assert other.returncode == 2 and "other settings" in other.stderr and "Traceback" not in other.stderr
     assert (out / "bundle" / "model.onnx").stat().st_mtime_ns == bundle_manifest
 

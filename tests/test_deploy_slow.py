@@ -26,14 +26,6 @@ TINY = ["--set", "width=0.35", "--set", "input-size=32", "--set", "embedding-dim
         "--set", "products-per-batch=4", "--set", "fraction-evaluate=0"]
 
 
-@pytest.fixture(scope="module")
-def tiny_catalog(tmp_path_factory):
-    from catalog.sample import generate_sample
-
-    root = tmp_path_factory.mktemp("deploycat") / "sample"
-    generate_sample(root, products=24, views=4, seed=0, progress=False)
-    return root
-
 
 def _env():
     from fedcbir.flower import flower_env

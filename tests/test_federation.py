@@ -28,14 +28,6 @@ from server.strategies import make_strategy, to_numpy, to_record  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_catalog(tmp_path_factory):
-    from catalog.sample import generate_sample
-
-    root = tmp_path_factory.mktemp("fedcat") / "sample"
-    generate_sample(root, products=24, views=4, seed=0, progress=False)
-    return root
-
 
 def _rc(catalog, **kw):
     rc = {"catalog": str(catalog), "width": 0.35, "input-size": 32, "embedding-dim": 32, "frameworks": "torch",

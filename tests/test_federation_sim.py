@@ -13,14 +13,6 @@ pytest.importorskip("flwr")
 psutil = pytest.importorskip("psutil")
 
 
-@pytest.fixture(scope="module")
-def tiny_catalog(tmp_path_factory):
-    from catalog.sample import generate_sample
-
-    root = tmp_path_factory.mktemp("simcat") / "sample"
-    generate_sample(root, products=24, views=4, seed=0, progress=False)
-    return root
-
 
 def _processes_using(text: str) -> list[str]:
     found = []
