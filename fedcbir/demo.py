@@ -96,31 +96,18 @@ def federate(settings: DemoSettings, catalog: Path, out: Path, say,
     """Stage 1: reuse, resume or run the federation; returns its summary."""
     from fedcbir.flower import read_rows, round_line
     from fedcbir.simulate import simulate
-    from server.federation import latest_checkpoint
-    from server.runconfig import RunConfig
+    from server.federation import run_folder_state
 
     rc = settings.run_config(catalog, out)
-    cfg = RunConfig.from_flower(rc)
-    summary_file = out / "summary.json"
-    last = latest_checkpoint(out)
-    if last is not None:
-        meta = json.loads(last.with_suffix(".json").read_text(encoding="utf-8"))
-        same = meta.get("fingerprint") == json.loads(json.dumps(cfg.fingerprint())) and \
-            all(meta.get("run_config", {}).get(k) == v for k, v in rc.items()
-                if k not in ("num-server-rounds", "resume", "catalog", "out", "client-state-dir"))
-        if not same:
-            raise FedcbirError(f"{out} holds a federation with other settings: pass --fresh to start over, "
-                               f"or another --out")
-        done = int(meta["round"])
-        if done >= settings.rounds and summary_file.is_file():
-            say(f"reusing the finished federation in {out} ({done} rounds)")
-            reused()
-            for row in read_rows(out / "metrics.jsonl"):
-                say(round_line(row, settings.rounds))
-            return json.loads(summary_file.read_text(encoding="utf-8"))
-        if done > settings.rounds:
-            raise FedcbirError(f"{out} already ran {done} rounds (> --rounds {settings.rounds}): pass --fresh")
-        say(f"resuming the federation in {out} after round {done}")
+    state, why = run_folder_state(out, rc, hint="pass --fresh to start over, or another --out")
+    if state == "done":
+        say(f"reusing the finished federation in {out} ({settings.rounds} rounds)")
+        reused()
+        for row in read_rows(out / "metrics.jsonl"):
+            say(round_line(row, settings.rounds))
+        return json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    if state == "resume":
+        say(f"resuming the federation in {out}: {why}")
         rc["resume"] = True
     else:
         say(f"3 devices ({', '.join(f'{f} on {p}' for f, p in DEVICES)}), partition {settings.partition}, "

@@ -265,41 +265,11 @@ def precheck_partitions(catalog: Path, base: Mapping[str, Any], seeds: Iterable[
 # ============================================================================ running
 
 
-def _comparable(rc: Mapping[str, Any], *drop: str) -> dict[str, Any]:
-    return {k: v for k, v in rc.items() if k not in ("resume", *drop)}
-
-
 def run_state(run_dir: Path, rc: Mapping[str, Any]) -> tuple[str, str]:
     """("done" | "resume" | "fresh", why) for a planned federation's folder."""
-    from server.federation import latest_checkpoint
+    from server.federation import run_folder_state
 
-    summary_file = run_dir / "summary.json"
-    if summary_file.is_file():
-        try:
-            summary = json.loads(summary_file.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            summary = {}
-        if _comparable(summary.get("run_config") or {}) == _comparable(rc) and \
-                int(summary.get("rounds", -1)) == int(rc["num-server-rounds"]):
-            return "done", "finished with the same settings"
-    ck = latest_checkpoint(run_dir) if run_dir.is_dir() else None
-    if ck is None:
-        return "fresh", "no checkpoint"
-    try:
-        meta = json.loads(ck.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        raise FedcbirError(f"{ck} is damaged: remove {run_dir} to redo that federation") from None
-    old = meta.get("run_config") or {}
-    if _comparable(old, "num-server-rounds") != _comparable(rc, "num-server-rounds"):
-        diff = sorted(k for k in set(old) | set(rc) if k not in ("resume", "num-server-rounds")
-                      and old.get(k) != rc.get(k))
-        raise FedcbirError(f"{run_dir} holds a federation with other settings ({', '.join(diff)}): "
-                           f"use another --out or remove that folder")
-    done = int(meta.get("round", 0))
-    if done > int(rc["num-server-rounds"]):
-        raise FedcbirError(f"{run_dir} already ran {done} rounds, more than --rounds "
-                           f"{rc['num-server-rounds']}: use another --out")
-    return "resume", f"continuing after round {done}"
+    return run_folder_state(run_dir, rc, hint="use another --out or remove that folder")
 
 
 def _fresh(run_dir: Path) -> None:

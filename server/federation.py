@@ -26,7 +26,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 from flwr.app import ConfigRecord, Message
@@ -93,6 +93,46 @@ def exchange(grid, messages: Iterable[Message], timeout: float, poll: float = 0.
 def latest_checkpoint(out: Path) -> Path | None:
     ckpts = sorted((out / CHECKPOINT_DIR).glob("round-*.json"))
     return ckpts[-1] if ckpts else None
+
+
+def run_folder_state(run_dir: Path, run_config: Mapping[str, Any], *,
+                     hint: str = "use another output folder") -> tuple[str, str]:
+    """What to do with a run folder before running ``run_config`` into it:
+    ``("done" | "resume" | "fresh", why)``. Done: its summary has the same settings and
+    round count; resume: its newest checkpoint has the same settings (any round count up to
+    the requested one); fresh: no checkpoint. Other settings, more rounds already run or a
+    damaged checkpoint raise a one-line error ending with ``hint``."""
+
+    def comparable(rc: Mapping[str, Any], *drop: str) -> dict[str, Any]:
+        return {k: v for k, v in rc.items() if k not in ("resume", *drop)}
+
+    want = RunConfig.from_flower(run_config).to_flower()
+    summary_file = run_dir / "summary.json"
+    if summary_file.is_file():
+        try:
+            summary = json.loads(summary_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            summary = {}
+        if comparable(summary.get("run_config") or {}) == comparable(want) and \
+                int(summary.get("rounds", -1)) == int(want["num-server-rounds"]):
+            return "done", "finished with the same settings"
+    ck = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if ck is None:
+        return "fresh", "no checkpoint"
+    try:
+        meta = json.loads(ck.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        raise FedcbirError(f"{ck} is damaged: {hint}") from None
+    old = meta.get("run_config") or {}
+    if comparable(old, "num-server-rounds") != comparable(want, "num-server-rounds"):
+        diff = sorted(k for k in set(old) | set(want) if k not in ("resume", "num-server-rounds")
+                      and old.get(k) != want.get(k))
+        raise FedcbirError(f"{run_dir} holds a federation with other settings ({', '.join(diff)}): {hint}")
+    done = int(meta.get("round", 0))
+    if done > int(want["num-server-rounds"]):
+        raise FedcbirError(f"{run_dir} already ran {done} rounds, more than the {want['num-server-rounds']} "
+                           f"asked for: {hint}")
+    return "resume", f"continuing after round {done}"
 
 
 def _info_from_reason(reason: str) -> tuple[dict[str, Any], str]:
