@@ -151,16 +151,16 @@ def _export(settings: DemoSettings, checkpoint: Path, catalog: Path, bundle: Pat
     from models.checkpoint import load_checkpoint
 
     _, meta = load_checkpoint(checkpoint)
-    manifest_file = bundle / "manifest.json"
-    if manifest_file.is_file():
+    if (bundle / "manifest.json").is_file():
+        from export.runtime import read_manifest
+
         try:
-            manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
+            manifest = read_manifest(bundle)
+        except FedcbirError:  # damaged or from another version: export again
             manifest = {}
         src = manifest.get("source") or {}
-        files = set((manifest.get("files") or {}).keys())
-        want = {"model.tflite", "model.onnx", "model.pte", "model.int8.tflite"} & _planned(settings)
-        if src.get("weights_sha256") == meta.get("npz_sha256") and want <= files:
+        complete = _planned(settings) <= set(manifest.get("files") or {})
+        if src.get("weights_sha256") == meta.get("npz_sha256") and complete:
             say(f"reusing the bundle {bundle} (same weights)")
             reused()
             return manifest

@@ -37,8 +37,6 @@ from fedcbir.flower import (FLOWER_ENV, FlowerCLI, ManagedProcess, SuperLinkProc
                             wait_healthy, watch_run)
 
 CONNECTION = "sim"
-_read_rows = read_rows  # old private names
-_sigterm_as_exit = signals_as_exit
 
 
 # ----------------------------------------------------------------------------- the runtime
@@ -95,7 +93,7 @@ def simulate(run_config: dict[str, Any], num_nodes: int, *, on_row: Callable[[di
         raise FedcbirError("run config 'out' must be an absolute path")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    seen = {int(r["round"]) for r in _read_rows(out / "metrics.jsonl")} if cfg.resume else set()
+    seen = {int(r["round"]) for r in read_rows(out / "metrics.jsonl")} if cfg.resume else set()
     with signals_as_exit(), SimulationRuntime() as rt:
         app_dir = rt.home / "app"
         app_dir.mkdir()
@@ -183,7 +181,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             print(round_line(row, total), flush=True)
 
     summary = simulate(rc, args.clients, on_row=on_row)
-    rows = _read_rows(Path(rc["out"]) / "metrics.jsonl")
+    rows = read_rows(Path(rc["out"]) / "metrics.jsonl")
     if args.json:
         print_json({
             "rounds": [{k: r.get(k) for k in ("round", "recall@1", "recall@5", "recall@10", "map@r", "seconds",
