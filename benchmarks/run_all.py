@@ -90,7 +90,7 @@ def ratio_table(results: dict[str, Any]) -> str:
 
 def update_readme(table: str, readme: Path) -> bool:
     """Replace the text between the bench markers; False if the markers are missing."""
-    from fedcbir.report import write_text_atomic
+    from fedcbir.io import write_text_atomic
 
     text = readme.read_text(encoding="utf-8")
     if START not in text or END not in text:
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.table_only:
         write_json_atomic(out, results)
     table = ratio_table(results)
-    from fedcbir.report import write_text_atomic
+    from fedcbir.io import write_text_atomic
 
     write_text_atomic(HERE / "results.md", "# Benchmark ratios (`make bench`)\n\n" + table)
     print(table)

@@ -301,7 +301,7 @@ def _thumb(path: str, size: int = 128) -> str:
 
 
 def results_html(found: dict[str, Any], out: Path) -> Path:
-    from fedcbir.report import write_text_atomic
+    from fedcbir.io import write_text_atomic
 
     cards = []
     for e in found["examples"]:
@@ -336,7 +336,8 @@ A green frame marks the query's own product.</p>
 
 
 def report_md(result: dict[str, Any], rows: list[dict[str, Any]], out: Path) -> Path:
-    from fedcbir.report import markdown_table, write_text_atomic
+    from fedcbir.io import write_text_atomic
+    from fedcbir.report import markdown_table
 
     s, fed, man, found = result["settings"], result["federation"], result["bundle"], result["search"]
     header, table = _device_table(rows)

@@ -57,6 +57,11 @@ def write_bytes_atomic(dest: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def write_text_atomic(dest: str | os.PathLike, text: str) -> Path:
+    write_bytes_atomic(dest, text.encode("utf-8"))
+    return Path(dest)
+
+
 def write_json_atomic(dest: str | os.PathLike, obj: Any) -> None:
     write_bytes_atomic(dest, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 

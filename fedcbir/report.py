@@ -1,4 +1,4 @@
-"""Plots and small report helpers shared by ``fedcbir demo`` and ``fedcbir study``.
+"""Plots and Markdown tables shared by ``fedcbir demo``, ``fedcbir study`` and ``make bench``.
 
 matplotlib with the Agg backend (no display needed); every figure is written atomically
 (temp file + rename), so a report folder never holds a half-written PNG.
@@ -84,10 +84,3 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     out = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out) + "\n"
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return path

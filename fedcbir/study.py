@@ -997,7 +997,7 @@ def canonical_command(args: argparse.Namespace) -> str:
 def cmd_study(args: argparse.Namespace) -> int:
     from fedcbir.io import print_json, write_json_atomic
     from fedcbir.flower import read_rows
-    from fedcbir.report import write_text_atomic
+    from fedcbir.io import write_text_atomic
 
     check_args(args)
     frameworks = parse_frameworks(args.frameworks)
