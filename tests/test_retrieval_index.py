@@ -23,7 +23,7 @@ def test_explicit_keys_save_view_and_search(tmp_path, dtype):
     x = unit(rng, 500)
     keys = np.arange(500, dtype=np.uint64) * 7 + 3  # sparse keys
     idx = new_index(32, dtype)
-    add_vectors(idx, keys, x)
+    add_vectors(idx, keys, x, threads=1)  # one thread: the same graph on every run
     path = tmp_path / "a.usearch"
     idx.save(os.fspath(path))
     viewed = open_index(path, sha256=sha256_file(path), size=path.stat().st_size, ndim=32, dtype=dtype)
