@@ -1,6 +1,7 @@
 """``catalog-search serve``: an upload page and a JSON API over one opened bundle.
 
-    GET  /              the page (drop or pick a photo, see the best products as cards)
+    GET  /              the page (drop or pick a photo, or take one with a phone's camera; see the
+                        best products as cards, each with its cosine similarity and its gap to #1)
     POST /api/search    multipart: ``image`` (file), optional ``k`` (1-100), ``type``
                         -> {"results": [{"query": filename, "matches": [...]}]}
     GET  /api/info      products, photos, product types, model and index facts

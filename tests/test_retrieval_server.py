@@ -99,6 +99,8 @@ def test_info_and_page(server):
     assert info["products"] == 60 and info["images"] == 300 and info["model"]["file"] == "model.onnx"
     page = httpx.get(url + "/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"] and 'id="file"' in page.text
+    # a phone can take the photo with its camera (tests/test_search_browser.py checks the layout)
+    assert 'accept="image/*" capture="environment"' in page.text
 
 
 def _png(size):
