@@ -39,6 +39,7 @@ class Batch:
     x: np.ndarray  # float32 [B, S, S, 3], normalised
     labels: np.ndarray  # int64 [B], product index in ImageTable.item_ids
     types: np.ndarray  # int64 [B], index in ImageTable.type_names
+    keys: np.ndarray | None = None  # int64 [B], image x views + view (with ``views``): same key, same pixels
 
 
 @dataclass
@@ -224,14 +225,22 @@ class PKBatches:
     one-photo products are still usable (augmentation makes the copies differ).
     With fewer than P products, P is lowered to the number of products.
     Iterating the object runs epoch 0, then 1, ... (one epoch per ``for`` loop).
+
+    ``views = V > 0``: every photo has V fixed augmented versions (view ``v`` of image ``i``
+    is seeded by ``(seed, i, v)``) and each draw picks one of them; the batch's ``keys``
+    (``i * V + v``) name them, so a frozen trunk's output can be cached per key
+    (``models.trainer``).  ``views = 0``: a fresh augmentation for every draw (no keys).
     """
 
     def __init__(self, table: ImageTable, p: int = 8, k: int = 4, seed: int = 0, augment: bool = True,
-                 aug: Augment = Augment()) -> None:
+                 aug: Augment = Augment(), views: int = 0) -> None:
         if p < 1 or k < 1:
             raise FedcbirError(f"P and K must be positive, got P={p}, K={k}")
+        if views < 0:
+            raise FedcbirError(f"views must be >= 0, got {views}")
         self.table = table
         self.seed = int(seed)
+        self.views = int(views) if augment else 0
         self.augment = augment
         self.aug = aug
         self.k = int(k)
@@ -276,15 +285,23 @@ class PKBatches:
                 idx.append(np.concatenate([rng.permutation(pool), extra]))
         sel = np.concatenate(idx)
         raw = self.table.images[sel]
-        if self.augment:
+        keys = None
+        if self.augment and self.views:
+            v = rng.integers(0, self.views, size=len(sel))
+            keys = sel.astype(np.int64) * self.views + v
+            x = np.concatenate([augment_uint8(raw[j:j + 1], np.random.default_rng(
+                [self.seed, int(i), int(vv), 7]), self.aug) for j, (i, vv) in enumerate(zip(sel, v))])
+        elif self.augment:
             x = augment_uint8(raw, rng, self.aug)
+        if self.augment:
             pre = self.table.pre
             std = np.asarray(pre.std, np.float32)
             x *= (1.0 / (255.0 * std)).astype(np.float32)
             x -= (np.asarray(pre.mean, np.float32) / std).astype(np.float32)
         else:
             x = normalize(raw, self.table.pre)
-        return Batch(x=x, labels=self.table.labels[sel].copy(), types=self.table.types[sel].copy())
+        return Batch(x=x, labels=self.table.labels[sel].copy(), types=self.table.types[sel].copy(),
+                     keys=keys)
 
     def epoch(self, e: int) -> Iterator[Batch]:
         order = self._order(e)

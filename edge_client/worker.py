@@ -95,7 +95,8 @@ def run_job(job: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *, cache_t
         from catalog.batches import PKBatches
 
         table = _table(job, "products")
-        batches = PKBatches(table, p=int(job["p"]), k=int(job["k"]), seed=int(job["batch_seed"]), augment=True)
+        batches = PKBatches(table, p=int(job["p"]), k=int(job["k"]), seed=int(job["batch_seed"]), augment=True,
+                            views=int(job.get("views", 0)))
         trainer.set_weights(weights, anchor=anchor)
         t_data = time.perf_counter()
         stream = itertools.chain.from_iterable(batches.epoch(int(e)) for e in job["epochs"])

@@ -44,6 +44,8 @@ class TrainConfig:
     bn_policy: str = "local"  # which names the server averages: see shared_names
     threads: int | None = 1
     seed: int = 0
+    train_from: int = 0  # first trained block; 0 = everything (see models.trainer)
+    cache_mb: int = 256  # frozen-trunk activation cache (only with train_from > 0)
 
     def __post_init__(self):
         if isinstance(self.optim, dict):
@@ -52,6 +54,8 @@ class TrainConfig:
             raise FedcbirError(f"bn_policy must be one of {BN_POLICIES}")
         if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 0):
             raise FedcbirError("epochs must be >= 1 and max_steps >= 0")
+        if self.train_from < 0 or self.cache_mb < 0:
+            raise FedcbirError("train_from and cache_mb must be >= 0")
         if self.temperature <= 0 or self.type_weight < 0 or self.prox_mu < 0:
             raise FedcbirError("temperature must be > 0; type_weight and prox_mu >= 0")
 
@@ -65,16 +69,17 @@ class TrainConfig:
         return cls(**dict(d))
 
 
-def shared_names(spec: ArchSpec, bn_policy: str = "local") -> list[str]:
+def shared_names(spec: ArchSpec, bn_policy: str = "local", train_from: int = 0) -> list[str]:
     """Canonical names a server should average.
 
     ``local`` (FedBN, the default): everything except BN layers (affine parameters and
     running statistics stay on the device; evaluation recalibrates them).
     ``shared``: every tensor, BN statistics included.
+    Only the trained part counts (``train_from``): frozen tensors never change.
     """
     if bn_policy not in BN_POLICIES:
         raise FedcbirError(f"bn_policy must be one of {BN_POLICIES}")
-    names = canonical.param_names(spec)
+    names = canonical.trained_part_names(spec, train_from)
     if bn_policy == "shared":
         return names
     return [n for n in names if not canonical.is_bn(n)]

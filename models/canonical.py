@@ -128,8 +128,30 @@ def is_bn(name: str) -> bool:
     return is_bn_stat(name) or is_bn_param(name)
 
 
-def trainable_names(spec: ArchSpec) -> list[str]:
-    return [e.name for e in entries(spec) if e.trainable]
+def in_trained_part(name: str, train_from: int = 0) -> bool:
+    """Whether tensor ``name`` belongs to the part trained from block ``train_from`` on:
+    blocks ``>= train_from``, the head, the projection and the type head; the stem only when
+    ``train_from == 0`` (everything trained)."""
+    if train_from <= 0:
+        return True
+    if name.startswith("stem."):
+        return False
+    if name.startswith("blocks."):
+        return int(name.split(".", 2)[1]) >= train_from
+    return True
+
+
+def trained_part_names(spec: ArchSpec, train_from: int = 0) -> list[str]:
+    """Every tensor of the trained part (BN running statistics included), canonical order."""
+    return [e.name for e in entries(spec) if in_trained_part(e.name, train_from)]
+
+
+def frozen_names(spec: ArchSpec, train_from: int = 0) -> list[str]:
+    return [e.name for e in entries(spec) if not in_trained_part(e.name, train_from)]
+
+
+def trainable_names(spec: ArchSpec, train_from: int = 0) -> list[str]:
+    return [e.name for e in entries(spec) if e.trainable and in_trained_part(e.name, train_from)]
 
 
 def decays(name: str, shape: tuple[int, ...]) -> bool:
@@ -137,8 +159,9 @@ def decays(name: str, shape: tuple[int, ...]) -> bool:
     return name.endswith(".weight") and len(shape) > 1
 
 
-def decay_names(spec: ArchSpec) -> list[str]:
-    return [e.name for e in entries(spec) if e.trainable and decays(e.name, e.shape)]
+def decay_names(spec: ArchSpec, train_from: int = 0) -> list[str]:
+    return [e.name for e in entries(spec)
+            if e.trainable and decays(e.name, e.shape) and in_trained_part(e.name, train_from)]
 
 
 def num_params(spec: ArchSpec, trainable_only: bool = True) -> int:
@@ -158,7 +181,8 @@ def init_weights(spec: ArchSpec, seed: int = 0) -> dict[str, np.ndarray]:
     input channel feeds kh*kw outputs; PyTorch's shape-based fan_out would be C * kh * kw
     and shrinks depthwise outputs by ~C);
     linear: normal(0, 0.01) (as torchvision's MobileNetV3); biases 0; BN gamma 1, beta 0, running mean 0,
-    running var 1.
+    running var 1.  A spec with ``pretrained = "imagenet"`` then takes its stem, blocks and
+    head from ``models.pretrained`` and an orthogonal projection.
     """
     out: dict[str, np.ndarray] = {}
     for e in entries(spec):
@@ -173,6 +197,12 @@ def init_weights(spec: ArchSpec, seed: int = 0) -> dict[str, np.ndarray]:
         else:  # bias, bn_bias, bn_mean
             a = np.zeros(e.shape)
         out[e.name] = np.ascontiguousarray(a, dtype=np.float32)
+    if spec.pretrained:
+        # the pretrained backbone replaces the random one; the projection gets orthonormal
+        # rows (models.pretrained.apply)
+        from models.pretrained import apply
+
+        apply(spec, out, seed)
     return out
 
 

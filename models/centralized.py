@@ -27,11 +27,15 @@ class TrainSettings:
     out: Path
     epochs: int = 10
     optimizer: str = "adamw"
-    lr: float = 2e-3
-    p: int = 8
+    lr: float | None = None  # None: 3e-4 (pretrained arch) | 2e-3 (from scratch)
+    p: int | None = None  # None: 16 | 8
     k: int = 4
+    arch: str = "efficientnet-lite0"
+    train_from: int = -1  # -1 = the architecture's default
+    views: int = 4
+    size: int = 0  # 0 = the architecture's input size
     width: float = 1.0
-    embedding_dim: int = 128
+    embedding_dim: int = 0  # 0 = the architecture's
     type_head: bool = True
     seed: int = 0
     test_fraction: float = 0.2
@@ -55,23 +59,27 @@ def _stepper(batches, bar, task):
 def train(s: TrainSettings) -> dict[str, Any]:
     from catalog.dataset import CatalogSplit
     from catalog.batches import PKBatches
-    from catalog.images import DEFAULT_PREPROCESS
+    from catalog.images import Preprocess
     from fedcbir.progress import progress_bar
     from models.api import TrainConfig, make_trainer, normalize_framework
     from models.canonical import init_weights
     from models.checkpoint import load_checkpoint, save_checkpoint
     from models.optim import OptimConfig
-    from models.spec import ArchSpec
+    from models.spec import preprocess_kwargs, preset
     from retrieval.evaluate import RetrievalEval
 
     fw = normalize_framework(s.framework)
     if s.epochs < 1:
         raise FedcbirError("--epochs must be >= 1")
     split = CatalogSplit.load(s.catalog, seed=s.seed, test_fraction=s.test_fraction)
-    pre = DEFAULT_PREPROCESS
-    spec = ArchSpec(width=s.width, input_size=pre.size, embedding_dim=s.embedding_dim,
-                    num_types=len(split.type_names) if s.type_head else 0)
-    cfg = TrainConfig(optim=OptimConfig(name=s.optimizer, lr=s.lr), seed=s.seed, threads=s.threads)
+    spec = preset(s.arch, width=s.width, input_size=s.size or None, embedding_dim=s.embedding_dim or None,
+                  num_types=len(split.type_names) if s.type_head else 0)
+    pre = Preprocess(**preprocess_kwargs(spec))
+    train_from = spec.default_train_from if s.train_from < 0 else s.train_from
+    lr = s.lr if s.lr is not None else (3e-4 if spec.pretrained else 2e-3)
+    p_batch = s.p if s.p is not None else (16 if spec.pretrained else 8)
+    cfg = TrainConfig(optim=OptimConfig(name=s.optimizer, lr=lr), seed=s.seed, threads=s.threads,
+                      train_from=train_from)
     out = Path(s.out)
     start_epoch = 1
     history: list[dict[str, Any]] = []
@@ -89,10 +97,14 @@ def train(s: TrainSettings) -> dict[str, Any]:
         if _latest_checkpoint(out) is not None:
             raise FedcbirError(f"{out} already holds a run: pass --resume or another --out")
         weights = init_weights(spec, s.seed)
+        if spec.pretrained:
+            from models.pretrained import catalog_projection, main_photos
+
+            weights = catalog_projection(spec, weights, main_photos(split, pre, seed=s.seed), s.seed, fw)
 
     train_table = split.table(split.train, pre, progress=s.progress)
     evaluator = RetrievalEval.from_split(split, pre=pre)
-    batches = PKBatches(train_table, p=s.p, k=s.k, seed=s.seed, augment=True)
+    batches = PKBatches(train_table, p=p_batch, k=s.k, seed=s.seed, augment=True, views=s.views)
     trainer = make_trainer(fw, spec, cfg)
 
     def evaluate(w) -> dict[str, float]:
@@ -149,7 +161,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     catalog = _resolve_catalog(args)
     s = TrainSettings(framework=args.framework, catalog=catalog, out=Path(args.out), epochs=args.epochs,
                       optimizer=args.optimizer, lr=args.lr, p=args.products_per_batch,
-                      k=args.photos_per_product, width=args.width, type_head=not args.no_type_head,
+                      k=args.photos_per_product, arch=args.arch, train_from=args.train_from,
+                      views=args.views, size=args.size, width=args.width, type_head=not args.no_type_head,
                       seed=args.seed, threads=args.threads, resume=args.resume,
                       progress=not args.json)
     summary = train(s)
@@ -195,8 +208,21 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="run folder (metrics.jsonl, checkpoints/, summary.json)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--products-per-batch", type=int, default=8, metavar="P")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default 3e-4 for the pretrained encoder, 2e-3 from scratch)")
+    p.add_argument("--products-per-batch", type=int, default=None, metavar="P",
+                   help="products per batch (default 16 pretrained, 8 from scratch)")
+    from models.spec import DEFAULT_ARCH, PRESETS
+
+    p.add_argument("--arch", choices=sorted(PRESETS), default=DEFAULT_ARCH,
+                   help=f"architecture (default {DEFAULT_ARCH}, ImageNet-pretrained)")
+    p.add_argument("--train-from", type=int, default=-1, metavar="K",
+                   help="train blocks >= K + head + projection (default: the architecture's: "
+                        "11 for efficientnet-lite0; 0 = everything)")
+    p.add_argument("--views", type=int, default=4,
+                   help="augmented views per photo (frozen activations are cached per view; 0 = "
+                        "fresh augmentation every epoch)")
+    p.add_argument("--size", type=int, default=0, help="input size (default: the architecture's, 160)")
     p.add_argument("--photos-per-product", type=int, default=4, metavar="K")
     p.add_argument("--width", type=float, default=1.0, help="width multiplier")
     p.add_argument("--no-type-head", action="store_true", help="train without the product-type head")

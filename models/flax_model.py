@@ -62,14 +62,20 @@ def hard_sigmoid(x):
     return jnp.clip(x + 3.0, 0.0, 6.0) / 6.0
 
 
-def depthwise_shift(x, kernel, stride: int, pad: int):
+def _pads(pad) -> tuple[int, int]:
+    """``pad``: an int (symmetric) or ``(before, after)`` (the same on both spatial axes)."""
+    return (int(pad), int(pad)) if isinstance(pad, int) else (int(pad[0]), int(pad[1]))
+
+
+def depthwise_shift(x, kernel, stride: int, pad):
     """Depthwise conv as a sum of kh*kw strided slices (NHWC, kernel [kh, kw, 1, C])."""
     kh, kw = kernel.shape[0], kernel.shape[1]
     n, h, w, c = x.shape
-    if pad:
-        x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    ho = (h + 2 * pad - kh) // stride + 1
-    wo = (w + 2 * pad - kw) // stride + 1
+    lo, hi = _pads(pad)
+    if lo or hi:
+        x = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
+    ho = (h + lo + hi - kh) // stride + 1
+    wo = (w + lo + hi - kw) // stride + 1
     out = None
     for i in range(kh):
         for j in range(kw):
@@ -91,7 +97,7 @@ def _taps(xp, kh: int, kw: int, stride: int, ho: int, wo: int):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def depthwise_shift_vjp(x, kernel, stride: int, pad: int):
+def depthwise_shift_vjp(x, kernel, stride: int, pad):
     """``depthwise_shift`` with a hand-written backward pass: the input gradient is one
     shift-and-add over the dilated, padded output gradient with the flipped kernel; the
     kernel gradient one reduction per tap over the (materialised) input."""
@@ -117,13 +123,16 @@ def _dw_bwd(stride, pad, res, g):
     kh, kw = kernel.shape[0], kernel.shape[1]
     n, h, w, c = x.shape
     ho, wo = g.shape[1], g.shape[2]
-    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
+    lo, hi = _pads(pad)
+    xp = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0))) if (lo or hi) else x
     dk = jnp.stack([(sl * g).sum((0, 1, 2)) for _, _, sl in _taps(xp, kh, kw, stride, ho, wo)])
     dk = dk.reshape(kh, kw, 1, c)
     zero = jnp.zeros((), g.dtype)
+    # input gradient: the dilated output gradient, padded so that output row o meets input
+    # row o * stride + tap - lo (only ``lo`` matters; ``hi`` pixels get no gradient)
     gd = lax.pad(g, zero, ((0, 0, 0),
-                           (kh - 1 - pad, h + pad - stride * (ho - 1) - 1, stride - 1),
-                           (kw - 1 - pad, w + pad - stride * (wo - 1) - 1, stride - 1),
+                           (kh - 1 - lo, h + lo - stride * (ho - 1) - 1, stride - 1),
+                           (kw - 1 - lo, w + lo - stride * (wo - 1) - 1, stride - 1),
                            (0, 0, 0)))
     dx = None
     for i in range(kh):
@@ -137,10 +146,11 @@ def _dw_bwd(stride, pad, res, g):
 depthwise_shift_vjp.defvjp(_dw_fwd, _dw_bwd)
 
 
-def depthwise_lax(x, kernel, stride: int, pad: int):
+def depthwise_lax(x, kernel, stride: int, pad):
     c = x.shape[-1]
+    lo, hi = _pads(pad)
     return lax.conv_general_dilated(
-        x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+        x, kernel, (stride, stride), ((lo, hi), (lo, hi)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
 
 
@@ -153,9 +163,9 @@ class Depthwise(nn.Module):
         c = self.layer
         k = self.param("kernel", nn.initializers.zeros, (c.kernel, c.kernel, 1, c.cout))
         if self.impl == "shift":
-            return depthwise_shift_vjp(x, k, c.stride, c.pad)
+            return depthwise_shift_vjp(x, k, c.stride, (c.pad_lo, c.pad_hi))
         fn = depthwise_shift if self.impl == "shift_autodiff" else depthwise_lax
-        return fn(x, k, c.stride, c.pad)
+        return fn(x, k, c.stride, (c.pad_lo, c.pad_hi))
 
 
 class Pointwise(nn.Module):
@@ -223,11 +233,13 @@ class ConvBN(nn.Module):
             x = Pointwise(c.cout, False, self.pointwise, name="conv")(x)
         else:
             x = nn.Conv(c.cout, (c.kernel, c.kernel), strides=(c.stride, c.stride),
-                        padding=((c.pad, c.pad), (c.pad, c.pad)), use_bias=False,
+                        padding=((c.pad_lo, c.pad_hi), (c.pad_lo, c.pad_hi)), use_bias=False,
                         name="conv")(x)
         x = TorchBatchNorm(self.eps, name="bn")(x, train, momentum)
         if c.act == "relu":
             x = nn.relu(x)
+        elif c.act == "relu6":
+            x = jnp.clip(x, 0.0, 6.0)
         elif c.act == "hswish":
             x = hard_swish(x)
         return x
@@ -267,11 +279,18 @@ class InvertedResidual(nn.Module):
 
 
 class Encoder(nn.Module):
-    """NHWC float32 -> (embedding [N, D], type logits or None)."""
+    """NHWC float32 -> (embedding [N, D], type logits or None).
+
+    ``start`` > 0: the input is the tensor entering block ``start`` (the trained part of a
+    partially fine-tuned encoder); ``stop`` >= 0: return the tensor entering block ``stop``
+    (the frozen trunk) instead of the embedding.  Module names are the same in every
+    segment, so a segment's variables are a sub-tree of the full encoder's."""
 
     spec: ArchSpec
     impl: str = "shift"
     pointwise: str = "matmul"
+    start: int = 0
+    stop: int = -1
 
     @nn.compact
     def __call__(self, x, train: bool = False, momentum=None):
@@ -280,10 +299,14 @@ class Encoder(nn.Module):
         mom = spec.bn_momentum if momentum is None else momentum
         eps = spec.bn_eps
         pw = self.pointwise
-        x = ConvBN(r.stem, eps, self.impl, pw, name="stem")(x, train, mom)
-        for b in r.blocks:
+        if self.start == 0:
+            x = ConvBN(r.stem, eps, self.impl, pw, name="stem")(x, train, mom)
+        stop = len(r.blocks) if self.stop < 0 else self.stop
+        for b in r.blocks[self.start:stop]:
             x = InvertedResidual(b, eps, self.impl, pw, name=f"blocks_{b.index}")(
                 x, train, mom)
+        if self.stop >= 0:
+            return x, None
         x = ConvBN(r.head, eps, self.impl, pw, name="head")(x, train, mom)
         f = x.mean((1, 2))
         e = nn.Dense(r.embedding_dim, name="proj")(f)
@@ -379,20 +402,38 @@ def _tree_of(spec: ArchSpec, fn) -> dict:
 _FN_CACHE: dict[tuple, dict] = {}
 
 
+def _trained_key(key: str, train_from: int) -> bool:
+    """Whether a top-level variable-tree key (``stem``, ``blocks_3``, ``head``, ``proj``,
+    ``type_head``) belongs to the part trained from block ``train_from`` on."""
+    return canonical.in_trained_part(key.replace("_", ".", 1) if key.startswith("blocks_") else
+                                     key + ".", train_from)
+
+
+def split_tree(tree: dict, train_from: int) -> tuple[dict, dict]:
+    """``(frozen, trained)`` halves of one collection's top-level keys."""
+    frozen = {k: v for k, v in tree.items() if not _trained_key(k, train_from)}
+    trained = {k: v for k, v in tree.items() if _trained_key(k, train_from)}
+    return frozen, trained
+
+
 def compiled_functions(spec: ArchSpec, depthwise_impl: str = "shift", use_prox: bool = False,
-                       pointwise_impl: str = "matmul"):
+                       pointwise_impl: str = "matmul", train_from: int = 0):
     """Jitted model functions for one spec, shared by every trainer in the process (they
     are pure; the optimizer update is jitted per trainer).  Loss settings are run-time
-    scalars, so trainers with different optimizers / loss weights share one compilation."""
-    key = (spec, depthwise_impl, bool(use_prox), pointwise_impl)
+    scalars, so trainers with different optimizers / loss weights share one compilation.
+    With ``train_from`` > 0 the training functions take the trained part's variables and the
+    tensor entering block ``train_from`` (``trunk`` computes it in inference mode)."""
+    key = (spec, depthwise_impl, bool(use_prox), pointwise_impl, int(train_from))
     hit = _FN_CACHE.get(key)
     if hit is not None:
         return hit
     model, _ = build(spec, depthwise_impl=depthwise_impl, pointwise_impl=pointwise_impl)
+    top = Encoder(spec, depthwise_impl, pointwise_impl, start=int(train_from))
+    trunk_model = Encoder(spec, depthwise_impl, pointwise_impl, stop=int(train_from))
 
     def loss_fn(params, bs, x, labels, types, anchor, temperature, type_weight, prox_mu):
-        (e, logits), upd = model.apply({"params": params, "batch_stats": bs}, x,
-                                       train=True, mutable=["batch_stats"])
+        (e, logits), upd = top.apply({"params": params, "batch_stats": bs}, x,
+                                     train=True, mutable=["batch_stats"])
         total, sup, ce = jax_loss(e, labels, types, logits, temperature, type_weight)
         if use_prox:
             sq = jax.tree_util.tree_map(lambda p, a: jnp.sum(jnp.square(p - a)), params, anchor)
@@ -408,12 +449,15 @@ def compiled_functions(spec: ArchSpec, depthwise_impl: str = "shift", use_prox: 
         return model.apply({"params": params, "batch_stats": bs}, x, train=False)[0]
 
     def bn_step(params, bs, x, momentum):
-        _, upd = model.apply({"params": params, "batch_stats": bs}, x, train=True,
-                             momentum=momentum, mutable=["batch_stats"])
+        _, upd = top.apply({"params": params, "batch_stats": bs}, x, train=True,
+                           momentum=momentum, mutable=["batch_stats"])
         return upd["batch_stats"]
 
+    def trunk(params, bs, x):
+        return trunk_model.apply({"params": params, "batch_stats": bs}, x, train=False)[0]
+
     fns = {"grad_step": jax.jit(grad_step), "embed": jax.jit(embed),
-           "bn_step": jax.jit(bn_step), "model": model}
+           "bn_step": jax.jit(bn_step), "trunk": jax.jit(trunk), "model": model}
     _FN_CACHE[key] = fns
     return fns
 
@@ -430,12 +474,13 @@ class FlaxTrainer(Trainer):
             raise ValueError(f"pointwise_impl must be one of {POINTWISE_IMPLS}")
         self.depthwise_impl = depthwise_impl
         self.pointwise_impl = pointwise_impl
-        decay = set(canonical.decay_names(spec))
-        self.decay_mask = _tree_of(spec, lambda e: e.name in decay)
+        k = self.train_from
+        decay = set(canonical.decay_names(spec, k))
+        self.decay_mask = split_tree(_tree_of(spec, lambda e: e.name in decay), k)[1]
         self.tx = optax_transform(cfg.optim, self.decay_mask)
         self.params = self.batch_stats = self.opt_state = self.anchor = None
         self.use_prox = cfg.prox_mu > 0
-        self.fns = compiled_functions(spec, depthwise_impl, self.use_prox, pointwise_impl)
+        self.fns = compiled_functions(spec, depthwise_impl, self.use_prox, pointwise_impl, k)
         self.model = self.fns["model"]
         tx = self.tx
 
@@ -464,22 +509,33 @@ class FlaxTrainer(Trainer):
     def _dump(self):
         return to_canonical(self.spec, {"params": self.params, "batch_stats": self.batch_stats})
 
+    def _trained(self, tree):
+        return split_tree(tree, self.train_from)[1]
+
     def _reset_optimizer(self):
-        self.opt_state = self.tx.init(self.params)
+        self.opt_state = self.tx.init(self._trained(self.params))
 
     def _set_anchor(self, weights):
-        self.anchor = from_canonical(self.spec, weights)["params"]
+        self.anchor = self._trained(from_canonical(self.spec, weights)["params"])
 
     def _embed_batch(self, x):
         return np.asarray(self.fns["embed"](self.params, self.batch_stats, jnp.asarray(x)))
 
+    def _trunk_batch(self, x):
+        p, bs = split_tree(self.params, self.train_from)[0], split_tree(self.batch_stats, self.train_from)[0]
+        return np.asarray(self.fns["trunk"](p, bs, jnp.asarray(x)))
+
     def _train_step(self, x, labels, types):
-        g, self.batch_stats, total, sup, ce = self.fns["grad_step"](
-            self.params, self.batch_stats, jnp.asarray(x), jnp.asarray(labels),
+        params, bs = self._trained(self.params), self._trained(self.batch_stats)
+        g, bs, total, sup, ce = self.fns["grad_step"](
+            params, bs, jnp.asarray(x), jnp.asarray(labels),
             jnp.asarray(types), self.anchor, *self._scalars)
-        self.params, self.opt_state = self._update(self.params, self.opt_state, g)
+        params, self.opt_state = self._update(params, self.opt_state, g)
+        self.params = {**self.params, **params}
+        self.batch_stats = {**self.batch_stats, **bs}
         return float(total), float(sup), float(ce)
 
     def _bn_step(self, x, momentum):
-        self.batch_stats = self.fns["bn_step"](self.params, self.batch_stats, jnp.asarray(x),
-                                               jnp.float32(momentum))
+        bs = self.fns["bn_step"](self._trained(self.params), self._trained(self.batch_stats),
+                                 jnp.asarray(x), jnp.float32(momentum))
+        self.batch_stats = {**self.batch_stats, **bs}

@@ -1,7 +1,7 @@
 """Keras 3 (TensorFlow backend) builder walking the same spec.
 
-Parity choices (see DESIGN.md): explicit symmetric ``ZeroPadding2D(k // 2)`` + ``valid``
-convolutions (never 'same'); ``TorchBatchNorm`` follows PyTorch exactly (train mode
+Parity choices (see DESIGN.md): explicit ``ZeroPadding2D((lo, hi))`` from the resolved spec
++ ``valid`` convolutions (never Keras' own 'same'); ``TorchBatchNorm`` follows PyTorch exactly (train mode
 normalises with the biased batch variance, running variance updated with the unbiased
 one, PyTorch momentum convention, explicit eps); hard-swish / hard-sigmoid written out
 as ``x * relu6(x + 3) / 6``; pooling is ``AveragePooling2D`` over the whole final map +
@@ -98,31 +98,19 @@ class KerasEncoder:
 
     def __init__(self, spec: ArchSpec):
         self.spec = spec
-        r = resolve(spec)
+        r = self.r = resolve(spec)
         self.momentum_ref = MomentumRef(spec.bn_momentum)
         self.bns: list[TorchBatchNorm] = []
-        self.layer_of: dict[str, layers.Layer] = {}  # canonical module -> layer
+        self.layer_of: dict[str, layers.Layer] = {}  # canonical module -> layer (made once)
+        self._tag = ""
         inp = keras.Input(shape=(spec.input_size, spec.input_size, 3), name="image")
-        x = self._conv_bn(inp, r.stem)
-        for b in r.blocks:
-            y = self._conv_bn(x, b.expand) if b.expand is not None else x
-            y = self._conv_bn(y, b.dw)
-            if b.se is not None:
-                y = self._se(y, b.se)
-            y = self._conv_bn(y, b.project)
-            x = layers.Add(name=f"blocks_{b.index}_add")([x, y]) if b.residual else y
-        x = self._conv_bn(x, r.head)
-        x = layers.AveragePooling2D(pool_size=r.feature_hw, name="pool")(x)
-        feats = layers.Flatten(name="flatten")(x)
+        feats = self._top(inp, 0)
         proj = layers.Dense(r.embedding_dim, name="proj")
         self.layer_of["proj"] = proj
-        emb = proj(feats)
-        self.embed_model = keras.Model(inp, emb, name="fedcbir_encoder")
-        outputs = [emb]
         if r.num_types:
-            th = layers.Dense(r.num_types, name="type_head")
-            self.layer_of["type_head"] = th
-            outputs.append(th(feats if spec.type_head_input == "features" else emb))
+            self.layer_of["type_head"] = layers.Dense(r.num_types, name="type_head")
+        emb, outputs = self._outputs(feats)
+        self.embed_model = keras.Model(inp, emb, name="fedcbir_encoder")
         self.train_model = keras.Model(inp, outputs, name="fedcbir_encoder_train")
         self.var_of = {}
         for e in canonical.entries(spec):
@@ -135,34 +123,85 @@ class KerasEncoder:
                 v = getattr(lay, e.leaf)
             self.var_of[e.name] = v
 
+    def _outputs(self, feats):
+        emb = self.layer_of["proj"](feats)
+        outputs = [emb]
+        if "type_head" in self.layer_of:
+            th = self.layer_of["type_head"]
+            outputs.append(th(feats if self.spec.type_head_input == "features" else emb))
+        return emb, outputs
+
+    def _blocks(self, x, lo: int, hi: int):
+        for b in self.r.blocks[lo:hi]:
+            y = self._conv_bn(x, b.expand) if b.expand is not None else x
+            y = self._conv_bn(y, b.dw)
+            if b.se is not None:
+                y = self._se(y, b.se)
+            y = self._conv_bn(y, b.project)
+            x = layers.Add(name=f"{self._tag}blocks_{b.index}_add")([x, y]) if b.residual else y
+        return x
+
+    def _top(self, x, k: int):
+        """From block ``k`` (k = 0: from the images, stem included) to the pooled features."""
+        if k == 0:
+            x = self._conv_bn(x, self.r.stem)
+        x = self._conv_bn(self._blocks(x, k, len(self.r.blocks)), self.r.head)
+        x = layers.AveragePooling2D(pool_size=self.r.feature_hw, name=f"{self._tag}pool")(x)
+        return layers.Flatten(name=f"{self._tag}flatten")(x)
+
+    def split_models(self, k: int):
+        """``(trunk, top_train)`` sharing this encoder's layers: the trunk maps images to the
+        tensor entering block ``k`` (stem + blocks[:k]); ``top_train`` maps that tensor to the
+        training outputs (embedding [, type logits])."""
+        hw, c = self.r.block_input(k)
+        self._tag = "trunk_"
+        img = keras.Input(shape=(self.spec.input_size, self.spec.input_size, 3), name="image")
+        trunk = keras.Model(img, self._blocks(self._conv_bn(img, self.r.stem), 0, k), name="trunk")
+        self._tag = "top_"
+        h = keras.Input(shape=(hw, hw, c), name="block_input")
+        _, outputs = self._outputs(self._top(h, k))
+        top = keras.Model(h, outputs, name="top_train")
+        self._tag = ""
+        return trunk, top
+
     def _conv_bn(self, x, c: ConvLayer):
-        if c.pad:
-            x = layers.ZeroPadding2D(c.pad, name=_lname(c.name) + "_pad")(x)
-        if c.depthwise:
-            conv = layers.DepthwiseConv2D(c.kernel, strides=c.stride, padding="valid",
-                                          use_bias=False, name=_lname(c.name) + "_conv")
+        made = c.name + ".conv" in self.layer_of
+        if c.pad_lo or c.pad_hi:
+            x = layers.ZeroPadding2D(((c.pad_lo, c.pad_hi), (c.pad_lo, c.pad_hi)),
+                                     name=self._tag + _lname(c.name) + "_pad")(x)
+        if made:
+            conv, bn = self.layer_of[c.name + ".conv"], self.layer_of[c.name + ".bn"]
         else:
-            conv = layers.Conv2D(c.cout, c.kernel, strides=c.stride, padding="valid",
-                                 use_bias=False, name=_lname(c.name) + "_conv")
-        bn = TorchBatchNorm(self.spec.bn_eps, self.spec.bn_momentum, name=_lname(c.name) + "_bn")
-        bn._momentum_ref = self.momentum_ref
-        self.bns.append(bn)
-        self.layer_of[c.name + ".conv"] = conv
-        self.layer_of[c.name + ".bn"] = bn
+            if c.depthwise:
+                conv = layers.DepthwiseConv2D(c.kernel, strides=c.stride, padding="valid",
+                                              use_bias=False, name=_lname(c.name) + "_conv")
+            else:
+                conv = layers.Conv2D(c.cout, c.kernel, strides=c.stride, padding="valid",
+                                     use_bias=False, name=_lname(c.name) + "_conv")
+            bn = TorchBatchNorm(self.spec.bn_eps, self.spec.bn_momentum, name=_lname(c.name) + "_bn")
+            bn._momentum_ref = self.momentum_ref
+            self.bns.append(bn)
+            self.layer_of[c.name + ".conv"] = conv
+            self.layer_of[c.name + ".bn"] = bn
         x = bn(conv(x))
+        name = self._tag + _lname(c.name)
         if c.act == "relu":
-            x = layers.ReLU(name=_lname(c.name) + "_relu")(x)
+            x = layers.ReLU(name=name + "_relu")(x)
+        elif c.act == "relu6":
+            x = layers.ReLU(max_value=6.0, name=name + "_relu6")(x)
         elif c.act == "hswish":
-            x = layers.Activation(hard_swish, name=_lname(c.name) + "_hswish")(x)
+            x = layers.Activation(hard_swish, name=name + "_hswish")(x)
         return x
 
     def _se(self, x, s):
-        p = _lname(s.name)
+        p = self._tag + _lname(s.name)
         y = layers.AveragePooling2D(pool_size=s.hw, name=p + "_pool")(x)
-        fc1 = layers.Conv2D(s.squeeze, 1, use_bias=True, name=p + "_fc1")
-        fc2 = layers.Conv2D(s.channels, 1, use_bias=True, name=p + "_fc2")
-        self.layer_of[s.name + ".fc1"] = fc1
-        self.layer_of[s.name + ".fc2"] = fc2
+        if s.name + ".fc1" not in self.layer_of:
+            self.layer_of[s.name + ".fc1"] = layers.Conv2D(s.squeeze, 1, use_bias=True,
+                                                           name=_lname(s.name) + "_fc1")
+            self.layer_of[s.name + ".fc2"] = layers.Conv2D(s.channels, 1, use_bias=True,
+                                                           name=_lname(s.name) + "_fc2")
+        fc1, fc2 = self.layer_of[s.name + ".fc1"], self.layer_of[s.name + ".fc2"]
         y = layers.ReLU(name=p + "_relu")(fc1(y))
         y = layers.Activation(hard_sigmoid, name=p + "_hsigmoid")(fc2(y))
         return layers.Multiply(name=p + "_scale")([x, y])
@@ -217,22 +256,27 @@ class KerasTrainer(Trainer):
         super().__init__(spec, cfg)
         keras.utils.set_random_seed(cfg.seed)
         self.enc = build(spec)
-        self.tnames = canonical.trainable_names(spec)
+        k = self.train_from
+        self.tnames = canonical.trainable_names(spec, k)
         self.tvars = [self.enc.var_of[n] for n in self.tnames]
         self.opt = TFOptimizer(cfg.optim, self.tvars, self._decay_flags(self.tnames))
         self.anchor = None
         if cfg.prox_mu > 0:
             self.anchor = [tf.Variable(tf.zeros(v.shape), trainable=False) for v in self.tvars]
         size = spec.input_size
-        sig = [tf.TensorSpec([None, size, size, 3], tf.float32),
-               tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32)]
+        img = tf.TensorSpec([None, size, size, 3], tf.float32)
+        self.top_model = self.enc.train_model
+        x_sig = img
+        if k:
+            trunk, self.top_model = self.enc.split_models(k)
+            hw, c = self.enc.r.block_input(k)
+            x_sig = tf.TensorSpec([None, hw, hw, c], tf.float32)
+            self._trunk_fn = tf.function(lambda x: trunk(x, training=False), input_signature=[img])
+        sig = [x_sig, tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32)]
         self._step_fn = tf.function(self._step_impl, input_signature=sig)
         self._embed_fn = tf.function(
-            lambda x: self.enc.embed_model(x, training=False),
-            input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
-        self._bn_fn = tf.function(
-            lambda x: self.enc.embed_model(x, training=True),
-            input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+            lambda x: self.enc.embed_model(x, training=False), input_signature=[img])
+        self._bn_fn = tf.function(lambda x: self.top_model(x, training=True), input_signature=[x_sig])
 
     def describe(self):
         return {"framework": "tf", "version": tf.__version__, "keras": keras.__version__,
@@ -242,7 +286,7 @@ class KerasTrainer(Trainer):
     def _step_impl(self, x, labels, types):
         cfg = self.cfg
         with tf.GradientTape() as tape:
-            outs = self.enc.train_model(x, training=True)
+            outs = self.top_model(x, training=True)
             if isinstance(outs, (list, tuple)):
                 emb = outs[0]
                 logits = outs[1] if len(outs) > 1 else None
@@ -273,6 +317,9 @@ class KerasTrainer(Trainer):
 
     def _embed_batch(self, x):
         return self._embed_fn(tf.constant(x)).numpy()
+
+    def _trunk_batch(self, x):
+        return self._trunk_fn(tf.constant(x)).numpy()
 
     def _train_step(self, x, labels, types):
         self.enc.momentum_ref.var.assign(self.spec.bn_momentum)

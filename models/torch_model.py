@@ -28,18 +28,23 @@ MEMORY_FORMATS = ("channels_last", "contiguous")
 def _act(name):
     if name is None:
         return nn.Identity()
-    return nn.ReLU() if name == "relu" else nn.Hardswish()
+    return {"relu": nn.ReLU, "relu6": nn.ReLU6, "hswish": nn.Hardswish}[name]()
 
 
 class ConvBN(nn.Module):
     def __init__(self, c: ConvLayer, eps: float, momentum: float):
         super().__init__()
-        self.conv = nn.Conv2d(c.cin, c.cout, c.kernel, c.stride, c.pad,
+        # symmetric padding inside the convolution; an asymmetric one ('SAME' at stride 2)
+        # as an explicit zero pad (left, right, top, bottom) before a VALID convolution
+        self.pad = None if c.symmetric else (c.pad_lo, c.pad_hi, c.pad_lo, c.pad_hi)
+        self.conv = nn.Conv2d(c.cin, c.cout, c.kernel, c.stride, c.pad_lo if c.symmetric else 0,
                               groups=c.cin if c.depthwise else 1, bias=False)
         self.bn = nn.BatchNorm2d(c.cout, eps=eps, momentum=momentum)
         self.act = _act(c.act)
 
     def forward(self, x):
+        if self.pad is not None:
+            x = F.pad(x, self.pad)
         return self.act(self.bn(self.conv(x)))
 
 
@@ -94,17 +99,33 @@ class Encoder(nn.Module):
         self.type_on_features = spec.type_head_input == "features"
         self.type_head = nn.Linear(r.type_in, r.num_types) if r.num_types else None
 
-    def features(self, x):
+    def trunk(self, x, k: int):
+        """Images -> the tensor entering block ``k`` (stem + blocks[:k])."""
         x = self.stem(x)
-        for b in self.blocks:
+        for b in self.blocks[:k]:
+            x = b(x)
+        return x
+
+    def top_features(self, x, k: int = 0):
+        """From block ``k`` on (``k = 0``: from the images, stem included) to the pooled features."""
+        if k == 0:
+            x = self.stem(x)
+        for b in self.blocks[k:]:
             x = b(x)
         return torch.flatten(self.pool(self.head(x)), 1)
+
+    def features(self, x):
+        return self.top_features(x, 0)
 
     def forward(self, x):
         return self.proj(self.features(x))
 
-    def forward_train(self, x):
-        f = self.features(x)
+    def frozen_modules(self, k: int) -> list[nn.Module]:
+        """The modules that stay frozen (inference mode, no gradient) when training from block k."""
+        return [] if k == 0 else [self.stem, *self.blocks[:k]]
+
+    def forward_train(self, x, k: int = 0):
+        f = self.top_features(x, k)
         e = self.proj(f)
         logits = None
         if self.type_head is not None:
@@ -154,10 +175,17 @@ class TorchTrainer(Trainer):
         torch.manual_seed(cfg.seed)
         self.memory_format = memory_format
         self.model = build(spec, memory_format=memory_format)
-        self.bns = [m for m in self.model.modules() if isinstance(m, nn.BatchNorm2d)]
-        self.tnames = canonical.trainable_names(spec)
+        k = self.train_from
+        frozen = {id(m) for f in self.model.frozen_modules(k) for m in f.modules()}
+        self.frozen_modules = self.model.frozen_modules(k)
+        self.bns = [m for m in self.model.modules()
+                    if isinstance(m, nn.BatchNorm2d) and id(m) not in frozen]
+        self.tnames = canonical.trainable_names(spec, k)
         params = dict(self.model.named_parameters())
         self.tparams = [params[n] for n in self.tnames]
+        keep = set(self.tnames)
+        for n, p in params.items():
+            p.requires_grad_(n in keep)
         self.anchor = None
         self.opt = None
 
@@ -174,7 +202,7 @@ class TorchTrainer(Trainer):
 
     def _reset_optimizer(self):
         self.opt = torch_optimizer(self.cfg.optim, list(zip(self.tnames, self.tparams)),
-                                   canonical.decay_names(self.spec))
+                                   canonical.decay_names(self.spec, self.train_from))
 
     def _set_anchor(self, weights):
         self.anchor = [torch.from_numpy(weights[n].copy()) for n in self.tnames]
@@ -184,12 +212,23 @@ class TorchTrainer(Trainer):
         self.model.eval()
         return self.model(to_input(x, self.memory_format)).numpy()
 
+    @torch.no_grad()
+    def _trunk_batch(self, x):
+        self.model.eval()
+        h = self.model.trunk(to_input(x, self.memory_format), self.train_from)
+        return h.permute(0, 2, 3, 1).contiguous().numpy()  # NHWC
+
+    def _train_mode(self):
+        self.model.train()
+        for f in self.frozen_modules:
+            f.eval()
+
     def _train_step(self, x, labels, types):
         m = self.model
-        m.train()
+        self._train_mode()
         for bn in self.bns:
             bn.momentum = self.spec.bn_momentum
-        emb, logits = m.forward_train(to_input(x, self.memory_format))
+        emb, logits = m.forward_train(to_input(x, self.memory_format), self.train_from)
         total, sup, ce = torch_loss(emb, torch.from_numpy(labels.astype(np.int64)),
                                     torch.from_numpy(types.astype(np.int64)), logits,
                                     self.cfg.temperature, self.cfg.type_weight)
@@ -205,10 +244,10 @@ class TorchTrainer(Trainer):
     @torch.no_grad()
     def _bn_step(self, x, momentum):
         m = self.model
-        m.train()
+        self._train_mode()
         for bn in self.bns:
             bn.momentum = momentum
-        m.features(to_input(x, self.memory_format))
+        m.top_features(to_input(x, self.memory_format), self.train_from)
         for bn in self.bns:
             bn.momentum = self.spec.bn_momentum
         m.eval()

@@ -10,7 +10,16 @@ framework module subclasses it and implements the few tensor-level hooks:
     _embed_batch(x) -> np.ndarray eval-mode projection output
     _train_step(x, labels, types) -> (total, supcon, type_ce) as floats
     _bn_step(x, momentum)         train-mode forward that only updates BN running stats
+    _trunk_batch(x) -> np.ndarray inference-mode stem + blocks[:train_from] (NHWC), only used
+                                  when ``cfg.train_from > 0``
     describe() -> dict            kernel path / memory format / versions
+
+Partial fine-tuning (``cfg.train_from = k > 0``): the stem and blocks ``< k`` are frozen —
+inference mode (BN running statistics), no gradient, no optimizer state — and only
+blocks ``>= k``, the head, the projection and the type head train.  The frozen trunk's output
+for one photo and one augmentation never changes during a run, so when a batch carries
+``keys`` (one per photo-and-augmentation, ``catalog.batches.PKBatches(views=...)``) it is
+computed once and kept in a bounded cache (:class:`ActivationCache`, ``cfg.cache_mb``).
 """
 from __future__ import annotations
 
@@ -62,6 +71,52 @@ def check_images(x: Any, input_size: int) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+class ActivationCache:
+    """Frozen-trunk outputs by key, least recently used first out, at most ``max_bytes``.
+
+    Valid only for one set of frozen weights: ``Trainer.set_weights`` clears it when the
+    frozen part changes (it does not during a run)."""
+
+    def __init__(self, max_bytes: int):
+        from collections import OrderedDict
+
+        self.max_bytes = int(max_bytes)
+        self.rows: "OrderedDict[int, np.ndarray]" = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    def clear(self) -> None:
+        self.rows.clear()
+        self.bytes = 0
+
+    def lookup(self, keys: np.ndarray, compute) -> np.ndarray:
+        """Rows for ``keys``; missing ones come from ``compute(index array)`` in one call."""
+        keys = [int(k) for k in keys]
+        missing = [i for i, k in enumerate(keys) if k not in self.rows]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        fresh = compute(np.asarray(missing, np.int64)) if missing else None
+        out = None
+        for j, i in enumerate(missing):
+            row = np.ascontiguousarray(fresh[j])
+            if self.max_bytes > 0:
+                self.rows[keys[i]] = row
+                self.bytes += row.nbytes
+        for i, k in enumerate(keys):
+            row = self.rows.get(k)
+            if row is None:
+                row = fresh[missing.index(i)]
+            else:
+                self.rows.move_to_end(k)
+            if out is None:
+                out = np.empty((len(keys), *row.shape), row.dtype)
+            out[i] = row
+        while self.bytes > self.max_bytes and self.rows:
+            _, old = self.rows.popitem(last=False)
+            self.bytes -= old.nbytes
+        return out
+
+
 class Trainer:
     framework = "?"
 
@@ -70,6 +125,13 @@ class Trainer:
         self.cfg = cfg
         self.names = canonical.param_names(spec)
         self._has_weights = False
+        self.train_from = int(getattr(cfg, "train_from", 0) or 0)
+        if not 0 <= self.train_from <= len(spec.blocks):
+            raise FedcbirError(f"train_from {self.train_from} outside 0..{len(spec.blocks)} "
+                               f"for {spec.name}")
+        self.frozen = canonical.frozen_names(spec, self.train_from)
+        self.cache = ActivationCache(int(getattr(cfg, "cache_mb", 0) or 0) << 20)
+        self._frozen_sig = None
 
     # ------------------------------------------------------------------ public API
     def set_weights(self, weights: Mapping[str, np.ndarray],
@@ -83,6 +145,10 @@ class Trainer:
         if anchor is not None:
             anchor = canonical.as_float32(anchor)
             canonical.validate_weights(self.spec, anchor)
+        sig = canonical_digest(w, self.frozen) if self.frozen else None
+        if sig != self._frozen_sig:
+            self.cache.clear()
+            self._frozen_sig = sig
         self._load(w)
         self._reset_optimizer()
         if self.cfg.prox_mu > 0:
@@ -125,6 +191,8 @@ class Trainer:
                     done = True
                     break
                 x, labels, types = unpack_batch(batch, self.spec.input_size)
+                if self.train_from:
+                    x = self.trunk(x, getattr(batch, "keys", None))
                 a, b, c = self._train_step(x, labels, types)
                 if not np.isfinite(a):
                     raise FedcbirError(f"training diverged (loss {a}) at step {steps + 1}")
@@ -141,7 +209,14 @@ class Trainer:
             "loss": tot / d, "loss_supcon": sup / d, "loss_type": ce / d,
             "examples": examples, "steps": steps, "seconds": seconds, "cpu_seconds": cpu_seconds,
             "peak_rss_mb": peak_rss_mb(), "threads": thread_info(),
+            "cache_hits": self.cache.hits, "cache_misses": self.cache.misses,
         }
+
+    def trunk(self, x: np.ndarray, keys=None) -> np.ndarray:
+        """The frozen trunk's output for images ``x`` (cached by ``keys`` when given)."""
+        if keys is None or self.cache.max_bytes <= 0:
+            return self._trunk_batch(x)
+        return self.cache.lookup(np.asarray(keys), lambda idx: self._trunk_batch(x[idx]))
 
     def recalibrate_bn(self, batches: Iterable, max_batches: int | None = None) -> dict:
         """Recompute every BN running statistic on ``batches``: train-mode forwards, no
@@ -163,6 +238,8 @@ class Trainer:
             x = check_images(x, self.spec.input_size)
             if x.shape[0] < 2:
                 continue
+            if self.train_from:  # frozen BN statistics stay as they are
+                x = self._trunk_batch(x)
             self._bn_step(x, 1.0 / (k + 1))
             k += 1
             examples += x.shape[0]
@@ -201,3 +278,12 @@ class Trainer:
 
     def _bn_step(self, x, momentum):  # pragma: no cover
         raise NotImplementedError
+
+    def _trunk_batch(self, x):  # pragma: no cover
+        raise NotImplementedError
+
+
+def canonical_digest(weights: Mapping[str, np.ndarray], names) -> str:
+    from models.pretrained import frozen_digest
+
+    return frozen_digest(weights, names)

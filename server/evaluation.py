@@ -15,7 +15,8 @@ import numpy as np
 
 
 class ServerEvaluator:
-    def __init__(self, split, spec, pre, framework: str = "torch", bn_policy: str = "local", threads: int = 1):
+    def __init__(self, split, spec, pre, framework: str = "torch", bn_policy: str = "local", threads: int = 1,
+                 train_from: int = 0):
         from catalog.images import normalize
         from models.api import TrainConfig, make_trainer
         from retrieval.evaluate import RetrievalEval
@@ -23,7 +24,8 @@ class ServerEvaluator:
         self.evaluator = RetrievalEval.from_split(split, pre=pre)
         self.framework = framework
         self.bn_policy = bn_policy
-        self.trainer = make_trainer(framework, spec, TrainConfig(threads=threads, bn_policy=bn_policy))
+        self.trainer = make_trainer(framework, spec, TrainConfig(threads=threads, bn_policy=bn_policy,
+                                                                             train_from=train_from))
         t = self.evaluator.table
         self._gallery = normalize(t.images[self.evaluator.is_main], t.pre)
 

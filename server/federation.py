@@ -164,9 +164,17 @@ class Federation:
         cfg = self.cfg
         self.root = cfg.catalog_root()
         self.split = CatalogSplit.load(self.root, seed=cfg.seed, test_fraction=cfg.test_fraction)
-        self.spec = cfg.arch(len(self.split.type_names))
+        self.spec = cfg.arch_spec(len(self.split.type_names))
         self.pre = cfg.preprocess()
-        self.evaluator = ServerEvaluator(self.split, self.spec, self.pre, cfg.eval_framework, cfg.bn_policy)
+        self.evaluator = ServerEvaluator(self.split, self.spec, self.pre, cfg.eval_framework, cfg.bn_policy,
+                                         train_from=cfg.trained_from())
+        # only the trained part travels (and, under FedBN, not its BN tensors); devices hold the
+        # frozen part themselves and check it against this digest
+        from models import canonical
+        from models.pretrained import frozen_digest
+
+        self.shared = cfg.shared_names(self.spec)
+        self.frozen = canonical.frozen_names(self.spec, cfg.trained_from())
         self.strategy = make_strategy(cfg)
         self.history: list[dict[str, Any]] = []
         self.resumed_from: int | None = None
@@ -179,7 +187,13 @@ class Federation:
             if ck is not None:
                 raise FedcbirError(f"{self.out} already holds a federated run: resume it or use another output folder")
             self.weights = init_weights(self.spec, cfg.seed)
+            if self.spec.pretrained:  # projection from the catalog's own main photos
+                from models.pretrained import catalog_projection, main_photos
+
+                self.weights = catalog_projection(self.spec, self.weights, main_photos(self.split, self.pre,
+                                                  seed=cfg.seed), cfg.seed, cfg.eval_framework)
             self.start_round = 0
+        self.frozen_sha256 = frozen_digest(self.weights, self.frozen) if self.frozen else ""
 
     def _resume(self, ck: Path) -> None:
         from models.checkpoint import load_checkpoint
@@ -250,6 +264,9 @@ class Federation:
         write_json_atomic(self.out / "summary.json", summary)
         return summary
 
+    def _config(self) -> ConfigRecord:
+        return ConfigRecord({"frozen-sha256": self.frozen_sha256} if self.frozen_sha256 else {})
+
     def _server_row(self, r: int, t0: float) -> dict[str, Any]:
         m = self.evaluator.evaluate(self.weights)
         row = {"round": r, **{k: m[k] for k in ("recall@1", "recall@5", "recall@10", "map@r")},
@@ -261,8 +278,8 @@ class Federation:
         cfg = self.cfg
         t0 = time.perf_counter()
         self._wait_for_nodes(1)  # Flower's sampling would wait forever with no node at all
-        global_record = to_record(self.weights)
-        msgs = self.strategy.configure_train(r, global_record, ConfigRecord(), self.grid)
+        global_record = to_record({n: self.weights[n] for n in self.shared})
+        msgs = self.strategy.configure_train(r, global_record, self._config(), self.grid)
         replies, sent, missing = exchange(self.grid, msgs, cfg.round_timeout)
         t_train = time.perf_counter()
         aggregation_error = None
@@ -272,13 +289,14 @@ class Federation:
             agg, aggregation_error = None, f"{type(exc).__name__}: {exc}"
             self.log(f"round {r}: aggregation failed, global model unchanged: {aggregation_error}")
         if agg is not None:
-            self.weights = {k: np.asarray(v, np.float32) for k, v in to_numpy(agg).items()}
+            self.weights = {**self.weights, **{k: np.asarray(v, np.float32) for k, v in to_numpy(agg).items()}}
         clients = self._client_rows(self.strategy.last_report, sent, missing)
         t_agg = time.perf_counter()
 
         client_eval: dict[str, Any] | None = None
         if cfg.fraction_evaluate > 0:
-            emsgs = self.strategy.configure_evaluate(r, to_record(self.weights), ConfigRecord(), self.grid)
+            emsgs = self.strategy.configure_evaluate(r, to_record({n: self.weights[n] for n in self.shared}),
+                                                     self._config(), self.grid)
             ereplies, esent, _ = exchange(self.grid, emsgs, cfg.round_timeout)
             try:
                 agg_eval = self.strategy.aggregate_evaluate(r, ereplies)

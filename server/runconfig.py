@@ -6,9 +6,14 @@ and defaults are defined once here, in :data:`DEFAULTS`; ``pyproject.toml``'s
 of undeclared keys; a test checks that the two agree), and ``fedcbir simulate`` writes them
 into the app directory it generates.
 
-Defaults mirror the centralized baseline (``fedcbir train``): AdamW, lr 2e-3, P=8 x K=4,
-width 1.0, 96 px, 128-d embedding, product-type head on, so that one federated round of
-one client with all the data equals one centralized epoch.
+Defaults are those of the default encoder (``arch = efficientnet-lite0``, ImageNet weights,
+fine-tuned from block 11 on: ``train-from = -1`` takes the architecture's default; 160 px and
+256-d when ``input-size`` / ``embedding-dim`` are 0): AdamW lr 3e-4, P=16 x K=4, BatchNorm of
+the trained blocks averaged (``bn-policy = shared``), 4 augmented views per photo (so the
+frozen trunk's activations can be cached), product-type head on.  They mirror the
+centralized baseline (``fedcbir train``), so that one federated round of one client with
+all the data equals one centralized epoch.  The from-scratch MobileNetV3-Small arm is
+``arch = mobilenetv3-small`` (with its own lr 2e-3, P=8, bn-policy local, 96 px, 128-d).
 
 This module is light (standard library only): clients import it too.
 """
@@ -39,14 +44,18 @@ DEFAULTS: dict[str, Any] = {
     "local-epochs": 1,
     "max-steps": 0,  # per round and client; 0 = no cap (tests use it)
     "optimizer": "adamw",
-    "lr": 0.002,
-    "products-per-batch": 8,
+    "lr": 0.0003,
+    "products-per-batch": 16,
     "photos-per-product": 4,
+    "arch": "efficientnet-lite0",  # efficientnet-lite0 (ImageNet-pretrained) | mobilenetv3-small
+    "train-from": -1,  # first trained block; -1 = the architecture's default (11 | 0 = all)
+    "views": 4,  # augmented views per photo (0 = a fresh augmentation every epoch)
+    "cache-mb": 256,  # frozen-trunk activation cache per client process
     "width": 1.0,
-    "input-size": 96,
-    "embedding-dim": 128,
+    "input-size": 0,  # 0 = the architecture's (160 | 96)
+    "embedding-dim": 0,  # 0 = the architecture's (256 | 128)
     "type-head": True,
-    "bn-policy": "local",  # local = FedBN (BN tensors stay on the device) | shared
+    "bn-policy": "shared",  # local = FedBN (BN tensors stay on the device) | shared
     "prox-mu": 0.01,  # FedProx proximal weight (used only by strategy fedprox)
     "server-lr": 0.01,  # FedAdam eta
     "trim-beta": 0.2,  # FedTrimmedAvg cut fraction
@@ -83,6 +92,10 @@ class RunConfig:
     lr: float
     products_per_batch: int
     photos_per_product: int
+    arch: str
+    train_from: int
+    views: int
+    cache_mb: int
     width: float
     input_size: int
     embedding_dim: int
@@ -142,6 +155,10 @@ class RunConfig:
                 lr=float(raw["lr"]),
                 products_per_batch=int(raw["products-per-batch"]),
                 photos_per_product=int(raw["photos-per-product"]),
+                arch=str(raw["arch"]).strip().lower(),
+                train_from=int(raw["train-from"]),
+                views=int(raw["views"]),
+                cache_mb=int(raw["cache-mb"]),
                 width=float(raw["width"]),
                 input_size=int(raw["input-size"]),
                 embedding_dim=int(raw["embedding-dim"]),
@@ -182,6 +199,12 @@ class RunConfig:
             bad("frameworks is empty")
         if not self.profiles:
             bad("profiles is empty")
+        from models.spec import PRESETS
+
+        if self.arch not in PRESETS:
+            bad(f"arch {self.arch!r}: choose one of {', '.join(PRESETS)}")
+        if self.views < 0 or self.cache_mb < 0 or self.train_from < -1:
+            bad("views and cache-mb must be >= 0, train-from >= -1")
         if self.local_epochs < 1 or self.max_steps < 0:
             bad("local-epochs must be >= 1 and max-steps >= 0")
         if self.bn_policy not in ("local", "shared"):
@@ -215,18 +238,33 @@ class RunConfig:
 
         return ensure_default_sample(progress=False)
 
+    def arch_spec(self, num_types: int = 0):
+        from models.spec import preset
+
+        return preset(self.arch, width=self.width, input_size=self.input_size or None,
+                      embedding_dim=self.embedding_dim or None,
+                      num_types=num_types if self.type_head else 0)
+
     def preprocess(self):
-        import dataclasses
+        from catalog.images import Preprocess
+        from models.spec import preprocess_kwargs
 
-        from catalog.images import DEFAULT_PREPROCESS
+        return Preprocess(**preprocess_kwargs(self.arch_spec()))
 
-        return dataclasses.replace(DEFAULT_PREPROCESS, size=self.input_size)
+    def trained_from(self) -> int:
+        """The first trained block (the architecture's default for ``train-from = -1``)."""
+        spec = self.arch_spec()
+        k = spec.default_train_from if self.train_from < 0 else self.train_from
+        if k > len(spec.blocks):
+            raise FedcbirError(f"invalid run config: train-from {k} > {len(spec.blocks)} blocks of {spec.name}")
+        return k
 
-    def arch(self, num_types: int):
-        from models.spec import ArchSpec
+    def shared_names(self, spec) -> list[str]:
+        """What travels between server and devices and is averaged: the trained part
+        (without its BN tensors under FedBN)."""
+        from models.api import shared_names
 
-        return ArchSpec(width=self.width, input_size=self.input_size, embedding_dim=self.embedding_dim,
-                        num_types=num_types if self.type_head else 0)
+        return shared_names(spec, self.bn_policy, self.trained_from())
 
     def train_config(self, prox_mu: float = 0.0):
         from models.api import TrainConfig
@@ -234,7 +272,8 @@ class RunConfig:
 
         return TrainConfig(optim=OptimConfig(name=self.optimizer, lr=self.lr), epochs=1,
                            max_steps=self.max_steps or None, prox_mu=float(prox_mu),
-                           bn_policy=self.bn_policy, threads=1, seed=self.seed)
+                           bn_policy=self.bn_policy, threads=1, seed=self.seed,
+                           train_from=self.trained_from(), cache_mb=self.cache_mb)
 
     def assignment(self, partition_id: int) -> tuple[str, str]:
         """(framework, profile) of a partition: round-robin over the two lists."""
@@ -243,8 +282,8 @@ class RunConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """What must not change between a run and its ``--resume``."""
-        keep = ("strategy", "catalog", "partition", "seed", "test_fraction", "width", "input_size",
-                "embedding_dim", "type_head", "bn_policy", "frameworks", "profiles")
+        keep = ("strategy", "catalog", "partition", "seed", "test_fraction", "arch", "train_from", "width",
+                "input_size", "embedding_dim", "type_head", "bn_policy", "frameworks", "profiles")
         d = asdict(self)
         return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in keep}
 

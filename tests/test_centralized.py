@@ -11,7 +11,7 @@ from models.checkpoint import load_checkpoint
 
 
 def _settings(catalog, out, **kw):
-    base = dict(framework="torch", catalog=catalog, out=out, epochs=2, width=0.35, p=4, k=2,
+    base = dict(framework="torch", catalog=catalog, out=out, epochs=2, arch="mobilenetv3-small", width=0.35, p=4, k=2,
                 progress=False)
     base.update(kw)
     return TrainSettings(**base)

@@ -22,7 +22,7 @@ psutil = pytest.importorskip("psutil")
 pytest.importorskip("cryptography")
 
 BIN = Path(sys.executable).parent
-TINY = ["--set", "width=0.35", "--set", "input-size=32", "--set", "embedding-dim=32", "--set", "partition=iid",
+TINY = ["--set", "arch=mobilenetv3-small", "--set", "lr=0.002", "--set", "bn-policy=local", "--set", "width=0.35", "--set", "input-size=32", "--set", "embedding-dim=32", "--set", "partition=iid",
         "--set", "products-per-batch=4", "--set", "fraction-evaluate=0"]
 
 
@@ -345,7 +345,8 @@ def test_server_killed_after_round_1_resumes_to_identical_weights(tiny_catalog, 
 
     # the same federation without the interruption (same clients, node config and settings)
     rc = RunConfig.from_flower({
-        "catalog": str(tiny_catalog), "num-server-rounds": 2, "min-nodes": 2, "width": 0.35, "input-size": 32,
+        "catalog": str(tiny_catalog), "num-server-rounds": 2, "min-nodes": 2, "arch": "mobilenetv3-small", "lr": 0.002,
+        "bn-policy": "local", "width": 0.35, "input-size": 32,
         "embedding-dim": 32, "partition": "iid", "products-per-batch": 4, "fraction-evaluate": 0.0,
         "round-timeout": 600.0, "wait-nodes-timeout": 3600.0, "out": str(tmp_path / "ref"),
         "client-state-dir": str(tmp_path / "ref" / "client-state")}).to_flower()

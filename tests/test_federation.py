@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _rc(catalog, **kw):
-    rc = {"catalog": str(catalog), "width": 0.35, "input-size": 32, "embedding-dim": 32, "frameworks": "torch",
+    rc = {"catalog": str(catalog), "arch": "mobilenetv3-small", "lr": 0.002, "bn-policy": "local", "products-per-batch": 8,
+          "width": 0.35, "input-size": 32, "embedding-dim": 32, "frameworks": "torch",
           "profiles": "rpi4,rpi5,jetson-nano-cpu", "partition": "iid", "num-server-rounds": 2,
           "client-isolation": "inline", "fraction-evaluate": 0.0, "eval-framework": "torch"}
     rc.update({k.replace("_", "-"): v for k, v in kw.items()})
@@ -99,7 +100,7 @@ def _fake_round(strategy_name, replies_spec, catalog):
     from models.canonical import init_weights
 
     cfg = RunConfig.from_flower(_rc(catalog, strategy=strategy_name))
-    spec = cfg.arch(3)
+    spec = cfg.arch_spec(3)
     glob = init_weights(spec, 0)
     strategy = make_strategy(cfg)
     grid = InProcessGrid(client_app, 1, {})

@@ -39,6 +39,7 @@ def test_simulation_runtime_mixed_frameworks(tiny_catalog, tmp_path):
     out = tmp_path / "run"
     rc = RunConfig.from_flower({
         "catalog": str(tiny_catalog), "num-server-rounds": 2, "frameworks": "torch,tf,jax",
+        "arch": "mobilenetv3-small", "lr": 0.002, "bn-policy": "local", "products-per-batch": 8,
         "profiles": "rpi4,rpi5,jetson-nano-cpu", "partition": "iid", "width": 0.35, "input-size": 32,
         "embedding-dim": 32, "fraction-evaluate": 1.0, "fp16-upload": True, "out": str(out),
         "client-state-dir": str(out / "client-state"),

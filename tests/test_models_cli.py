@@ -15,13 +15,17 @@ def _main(argv):
 
 
 def test_info_json(capsys):
-    assert _main(["models", "info", "--json"]) == 0
+    assert _main(["models", "info", "--json"]) == 0  # the default: EfficientNet-Lite0, 160 px
+    info = json.loads(capsys.readouterr().out)
+    assert info["spec"]["name"] == "efficientnet-lite0" and info["spec"]["input_size"] == 160
+    assert info["params_trainable"] == 3698944 and info["canonical_names"] == 247
+    assert _main(["models", "info", "--arch", "mobilenetv3-small", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["params_trainable"] == 1000864
     assert info["canonical_names"] == 208
     assert 20e6 < info["forward_flops"] < 22e6
     assert info["spec"]["input_size"] == 96
-    assert _main(["models", "info", "--width", "0.5", "--num-types", "4"]) == 0
+    assert _main(["models", "info", "--arch", "mobilenetv3-small", "--width", "0.5", "--num-types", "4"]) == 0
     assert "parameters" in capsys.readouterr().out
 
 
@@ -34,7 +38,7 @@ def test_user_errors_exit_2(capsys):
 
 def test_parity_json_keys(capsys):
     # same spec/config as tests/test_models_frameworks.py (compiled trainers are reused)
-    rc = _main(["models", "parity", "--json", "--width", "0.5", "--size", "32", "--blocks", "4"])
+    rc = _main(["models", "parity", "--json", "--arch", "mobilenetv3-small", "--width", "0.5", "--size", "32", "--blocks", "4"])
     out = json.loads(capsys.readouterr().out)
     pairs = {"torch-tf", "torch-jax", "tf-jax"}
     assert set(out["eval_max_abs_diff"]) == pairs
