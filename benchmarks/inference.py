@@ -4,16 +4,15 @@ with the eager frameworks, in one process and one run.
     python -m benchmarks.inference [--bundle B | --checkpoint CK] [--json]
                                    [--repeats 200] [--warmup 20] [--threads 1] [--no-full-int8]
 
-Without ``--bundle``/``--checkpoint`` a default-size encoder (width 1.0, 96 px, 128-d;
-init weights with BN statistics recalibrated on sample-catalog photos) is exported to a
-temporary bundle first (~2 min).  Candidates:
+Without ``--bundle``/``--checkpoint`` the default encoder (ImageNet EfficientNet-Lite0,
+160 px, 256-d, projection from the sample catalog) is exported to a temporary bundle
+first (a few minutes).  Candidates:
 
     eager   torch (eval, no_grad, channels-last), Keras (forward in tf.function),
             JAX/Flax (jax.jit; the training kernels: shift-and-add depthwise, matmul 1x1)
     files   every bundle file through export.runtime (LiteRT+XNNPACK, ONNX Runtime CPU,
             ExecuTorch+XNNPACK), plus, unless --no-full-int8, a FULL-integer .tflite made
-            from the bundle's reference weights (hard-swish int8 too) to show why the
-            bundle's int8 .tflite keeps hard-swish in float.
+            from the bundle's reference weights (no layer kept in float).
 
 Method: one thread per runtime and the process pinned to one CPU (XLA ignores thread
 limits); the same normalised image for all; each candidate warmed up, then the candidates
@@ -53,25 +52,24 @@ def _cpu_name() -> str:
 
 
 def default_checkpoint(folder: Path) -> Path:
-    """Default spec, init weights, BN statistics from sample-catalog photos."""
+    """The default encoder as a run starts it (ImageNet EfficientNet-Lite0, 160 px, PCA
+    projection from the sample catalog's main photos)."""
     from catalog.dataset import CatalogSplit
-    from catalog.images import DEFAULT_PREPROCESS, normalize
+    from catalog.images import Preprocess
     from catalog.sample import ensure_default_sample
     from models import canonical
-    from models.api import TrainConfig, make_trainer
     from models.checkpoint import save_checkpoint
-    from models.spec import ArchSpec
+    from models.pretrained import catalog_projection, main_photos
+    from models.spec import preprocess_kwargs, preset
 
-    spec = ArchSpec(input_size=DEFAULT_PREPROCESS.size)
+    spec = preset()
+    pre = Preprocess(**preprocess_kwargs(spec))
     root = ensure_default_sample(progress=False)
     split = CatalogSplit.load(root)
-    x = normalize(split.table(split.train[:40], DEFAULT_PREPROCESS).images, DEFAULT_PREPROCESS)
-    t = make_trainer("torch", spec, TrainConfig(threads=1))
-    t.set_weights(canonical.init_weights(spec, 0))
-    t.recalibrate_bn([x[i:i + 64] for i in range(0, len(x), 64)])
+    w = catalog_projection(spec, canonical.init_weights(spec, 0), main_photos(split, pre), 0)
     path = folder / "bench-checkpoint"
-    save_checkpoint(path, t.get_weights(), {"arch": spec, "preprocessing": DEFAULT_PREPROCESS.to_dict(),
-                                            "framework": "torch", "catalog": str(root)})
+    save_checkpoint(path, w, {"arch": spec, "preprocessing": pre.to_dict(),
+                              "framework": "torch", "catalog": str(root)})
     return path
 
 

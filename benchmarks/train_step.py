@@ -2,8 +2,11 @@
 
     python -m benchmarks.train_step [--json] [--threads 1] [--repeats 20] [--all-variants]
 
-Same canonical weights, same batch (P=8 products x K=4 photos = 32 images of 96 px, the
-parity check's synthetic batch), same loss and optimizer (AdamW).  Each framework/variant
+Same canonical weights, same batch (P=16 products x K=4 photos = 64 images of 160 px, the
+parity check's synthetic batch), same loss and optimizer (AdamW).  The default encoder
+(EfficientNet-Lite0) is timed as devices train it: from block ``--train-from`` (11) on,
+on the frozen trunk's cached output (``--train-from 0``: everything, from the images);
+``--arch mobilenetv3-small --size 96 --products 8`` times the from-scratch model.  Each framework/variant
 runs in its own fresh process (isolated imports, thread settings and peak RSS), with one
 thread by default; the processes take turns (interleaved rounds), so load changes on a
 shared machine affect all alike.  The first step (tracing / XLA compilation) is timed
@@ -59,18 +62,20 @@ def worker(variant: str, args) -> None:
     from models import canonical, parity
     from models.api import TrainConfig, make_trainer
     from models.optim import OptimConfig
-    from models.spec import ArchSpec
     from models.threads import thread_info
     from fedcbir.memory import peak_rss_mb
 
-    spec = ArchSpec(width=args.width, input_size=args.size)
+    spec = _spec(args)
     x, labels, types = parity.synthetic_batch(spec.input_size, args.products, args.photos, 0)
     weights = canonical.init_weights(spec, 0)
-    cfg = TrainConfig(optim=OptimConfig(name="adamw", lr=1e-4), threads=args.threads)
+    cfg = TrainConfig(optim=OptimConfig(name="adamw", lr=1e-4), threads=args.threads,
+                      train_from=_train_from(args, spec))
     fw = variant.partition(":")[0]
     t0 = time.perf_counter()
     trainer = make_trainer(fw, spec, cfg, **_options(variant))
     trainer.set_weights(weights)
+    if cfg.train_from:  # what a device trains: the cached output of the frozen trunk
+        x = trainer._trunk_batch(x)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     trainer._train_step(x, labels, types)  # trace / compile
@@ -93,6 +98,16 @@ def worker(variant: str, args) -> None:
           "xla_flags": os.environ.get("XLA_FLAGS", "")})
 
 
+def _spec(args):
+    from models.spec import preset
+
+    return preset(args.arch, width=args.width, input_size=args.size or None)
+
+
+def _train_from(args, spec) -> int:
+    return spec.default_train_from if args.train_from < 0 else args.train_from
+
+
 def _say(obj) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -109,11 +124,12 @@ def _read(proc) -> dict:
 
 
 def run_all(args) -> dict:
-    from models.spec import ArchSpec, train_flops
+    from models.spec import train_flops
 
     variants = args.variants.split(",") if args.variants else (
         ALL_VARIANTS if args.all_variants else DEFAULT_VARIANTS)
-    spec = ArchSpec(width=args.width, input_size=args.size)
+    spec = _spec(args)
+    k = _train_from(args, spec)
     batch = args.products * args.photos
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
     procs, info, errors = {}, {}, {}
@@ -121,7 +137,8 @@ def run_all(args) -> dict:
         cmd = [sys.executable, "-m", "benchmarks.train_step", "--worker", v,
                "--threads", str(args.threads), "--warmup", str(args.warmup),
                *(["--no-pin"] if args.no_pin else []),
-               "--width", str(args.width), "--size", str(args.size),
+               "--width", str(args.width), "--size", str(args.size), "--arch", args.arch,
+               "--train-from", str(args.train_from),
                "--products", str(args.products), "--photos", str(args.photos)]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=env)
@@ -151,7 +168,7 @@ def run_all(args) -> dict:
         results.append({**final, **info[v], "median_ms": med * 1e3,
                         "min_ms": min(times[v]) * 1e3,
                         "images_per_s": batch / med,
-                        "gflops_per_s": train_flops(spec, batch) / med / 1e9,
+                        "gflops_per_s": train_flops(spec, batch, k) / med / 1e9,
                         "steps_timed": len(times[v])})
     ok = [r for r in results if "error" not in r]
     defaults = [r for r in ok if r["variant"] in DEFAULT_VARIANTS]
@@ -165,8 +182,9 @@ def run_all(args) -> dict:
     return {
         "benchmark": "train_step", "threads": args.threads, "pinned": not args.no_pin,
         "batch": batch,
-        "input_size": args.size, "width": args.width, "optimizer": "adamw",
-        "train_step_gflop": train_flops(spec, batch) / 1e9,
+        "arch": spec.name, "train_from": k,
+        "input_size": spec.input_size, "width": args.width, "optimizer": "adamw",
+        "train_step_gflop": train_flops(spec, batch, k) / 1e9,
         "timing": f"median of {args.rounds} interleaved rounds x {per_round} steps, "
                   f"after compile + {args.warmup} warm-up steps",
         "results": results,
@@ -188,7 +206,8 @@ def _cpu_name() -> str:
 
 
 def print_table(rep: dict) -> None:
-    print(f"train step: batch {rep['batch']} x {rep['input_size']}px, width {rep['width']}, "
+    print(f"train step: {rep.get('arch', '')} from block {rep.get('train_from', 0)}, "
+          f"batch {rep['batch']} x {rep['input_size']}px, width {rep['width']}, "
           f"{rep['train_step_gflop']:.2f} GFLOP/step (3x fwd), {rep['threads']} thread(s), "
           f"{rep['cpu']}")
     hdr = (f"{'variant':22s} {'ms/step':>9s} {'img/s':>7s} {'GFLOP/s':>8s} {'x fastest':>9s} "
@@ -216,8 +235,13 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="interleaving rounds")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--width", type=float, default=1.0)
-    p.add_argument("--size", type=int, default=96)
-    p.add_argument("--products", type=int, default=8)
+    from models.spec import DEFAULT_ARCH, PRESETS
+
+    p.add_argument("--arch", choices=sorted(PRESETS), default=DEFAULT_ARCH)
+    p.add_argument("--train-from", type=int, default=-1,
+                   help="first trained block (-1: the architecture's default, 11 for efficientnet-lite0)")
+    p.add_argument("--size", type=int, default=0, help="input size (0: the architecture's)")
+    p.add_argument("--products", type=int, default=16)
     p.add_argument("--photos", type=int, default=4)
     p.add_argument("--all-variants", action="store_true",
                    help="also the non-default kernel paths (torch NCHW, jax lax.conv)")

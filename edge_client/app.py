@@ -42,7 +42,7 @@ STATE_BN_META = "fedbn-meta"
 TRAIN_METRIC_KEYS = ("num-examples", "loss", "steps", "host-seconds", "cpu-seconds", "process-seconds",
                      "compute-seconds",
                      "transfer-seconds", "simulated-seconds", "bytes-down", "bytes-up", "peak-rss-mb",
-                     "partition-id", "framework-code", "server-round")
+                     "partition-id", "framework-code", "server-round", "cache-hits", "cache-misses")
 EVAL_METRIC_KEYS = ("num-examples", "recall@1", "recall@5", "recall@10", "map@r", "type_precision@1",
                     "gallery", "host-seconds", "process-seconds", "peak-rss-mb", "partition-id",
                     "framework-code")
@@ -196,6 +196,7 @@ def _train(msg: Message, context: Context) -> Message:
         "simulated-seconds": float(compute + transfer), "bytes-down": bytes_down, "bytes-up": bytes_up,
         "peak-rss-mb": float(wm["peak_rss_mb"]), "partition-id": node.partition,
         "framework-code": FRAMEWORK_CODES[node.framework], "server-round": server_round,
+        "cache-hits": int(wm.get("cache_hits", 0)), "cache-misses": int(wm.get("cache_misses", 0)),
     }
     assert set(metrics) == set(TRAIN_METRIC_KEYS)
     content = RecordDict({

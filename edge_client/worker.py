@@ -78,6 +78,25 @@ def _trainer(job: Mapping[str, Any], cache: bool):
     return trainer
 
 
+def _activation_cache_file(job: Mapping[str, Any], trainer, table) -> Path | None:
+    """Where this device keeps its frozen-trunk activations between rounds (None: no cache).
+
+    The name hashes everything that decides a cached row: framework, the frozen weights,
+    architecture, preprocessing, the photos in table order, the augmentation seed and views."""
+    import hashlib
+
+    from fedcbir.io import cache_dir
+
+    if not trainer.train_from or not int(job.get("views", 0)) or trainer.cache.max_bytes <= 0:
+        return None
+    ident = json.dumps([job["framework"], trainer._frozen_sig, job["arch"], trainer.train_from, job["pre"],
+                        hashlib.sha256("\n".join(table.paths).encode()).hexdigest(), int(job["batch_seed"]),
+                        int(job["views"])], sort_keys=True)
+    d = cache_dir() / "activations"
+    d.mkdir(parents=True, exist_ok=True)
+    return d / f"{hashlib.sha256(ident.encode()).hexdigest()[:32]}.npz"
+
+
 def run_job(job: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *, cache_trainers: bool = False
             ) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
     """Train or evaluate; returns ``(new weights or None, metrics)``.
@@ -98,10 +117,16 @@ def run_job(job: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *, cache_t
         batches = PKBatches(table, p=int(job["p"]), k=int(job["k"]), seed=int(job["batch_seed"]), augment=True,
                             views=int(job.get("views", 0)))
         trainer.set_weights(weights, anchor=anchor)
+        cache_file = _activation_cache_file(job, trainer, table)
+        if cache_file is not None:
+            trainer.cache.load(cache_file)
         t_data = time.perf_counter()
         stream = itertools.chain.from_iterable(batches.epoch(int(e)) for e in job["epochs"])
         tm = trainer.train(stream)
         out = trainer.get_weights()
+        if cache_file is not None:
+            trainer.cache.save(cache_file)
+        metrics.update(cache_hits=int(tm.get("cache_hits", 0)), cache_misses=int(tm.get("cache_misses", 0)))
         metrics.update(loss=float(tm["loss"]), examples=int(tm["examples"]), steps=int(tm["steps"]),
                        train_seconds=float(tm["seconds"]), train_cpu_seconds=float(tm["cpu_seconds"]),
                        train_images=len(table))

@@ -43,11 +43,11 @@ _FLAGGED = {"catalog": "--catalog/--sample", "num-server-rounds": "--rounds", "l
 
 @dataclass(frozen=True)
 class DemoSettings:
-    rounds: int = 8
+    rounds: int = 5
     local_epochs: int = 4
     partition: str = "iid"
     strategy: str = "fedavg"
-    lr: float = 0.002
+    lr: float = 0.0003
     seed: int = 0
     queries: int = 8
     formats: tuple[str, ...] = ("tflite", "onnx", "pte")
@@ -58,6 +58,7 @@ class DemoSettings:
 
     def run_config(self, catalog: Path, out: Path) -> dict[str, Any]:
         return {
+            "fraction-evaluate": 0.0,  # the server's evaluation is what the demo reports
             **self.overrides,
             "catalog": str(catalog), "num-server-rounds": self.rounds,
             "frameworks": ",".join(f for f, _ in DEVICES), "profiles": ",".join(p for _, p in DEVICES),
@@ -312,14 +313,17 @@ def results_html(found: dict[str, Any], out: Path) -> Path:
             cls = "m hit" if m["item_id"] == e["item_id"] else "m"
             row.append(f'<div class="{cls}"><img src="{_thumb(m["image"])}" alt="match {i}"><div>#{i} '
                        f'{html.escape(m["name"] or m["item_id"])}<br><small>{html.escape(m["product_type"])} · '
-                       f'score {m["score"]:.3f}</small></div></div>')
+                       f'similarity {m["score"]:.3f}</small><div class="bar"><span style="width:'
+                       f'{max(0.0, min(1.0, m["score"])) * 100:.0f}%"></span></div></div></div>')
         cards.append('<div class="row">' + "".join(row) + "</div>")
     ev = found["eval"]["index"]
     page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>fedcbir demo: query photos and their top-5 products</title>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1"><title>fedcbir demo: query photos and their top-5 products</title>
 <style>
 body{{font-family:system-ui,sans-serif;margin:1.5rem;color:#222}}
-.row{{display:flex;gap:.6rem;margin:0 0 1rem;align-items:flex-start}}
+.row{{display:flex;flex-wrap:wrap;gap:.6rem;margin:0 0 1rem;align-items:flex-start}}
+.bar{{height:4px;background:#eee;margin-top:2px}} .bar>span{{display:block;height:4px;background:#58a}}
 .q,.m{{width:150px;font-size:.8rem;border:1px solid #ddd;border-radius:6px;padding:.3rem;background:#fff}}
 .q{{background:#eef4ff;border-color:#8ab}} .hit{{border:3px solid #2a2}}
 img{{width:128px;height:128px;object-fit:contain;display:block;margin:auto}}
@@ -328,7 +332,8 @@ img{{width:128px;height:128px;object-fit:contain;display:block;margin:auto}}
 <p>Model: the federated global model, run with {html.escape(found['eval']['model'].get('runtime') or '')}
 ({html.escape(str(found['eval']['model'].get('precision')))}); index: usearch {html.escape(str(found['eval']['index_dtype']))}.
 Test products: recall@1 {ev['recall@1']:.3f}, recall@5 {ev['recall@5']:.3f}, recall@10 {ev['recall@10']:.3f}.
-A green frame marks the query's own product.</p>
+A green frame marks the query's own product. Similarity is the cosine of the two embeddings
+(1 = identical; not a calibrated probability).</p>
 {''.join(cards)}
 </body></html>
 """

@@ -394,7 +394,7 @@ def conv_layers(r: Resolved) -> list[ConvLayer]:
 # FLOPs
 # ---------------------------------------------------------------------------------------
 
-def flops(spec: ArchSpec, batch: int = 1) -> int:
+def flops(spec: ArchSpec, batch: int = 1, from_block: int = 0) -> int:
     """Forward FLOPs = 2 x multiply-adds of every conv and linear layer, from the spec.
 
     Counted: all convolutions (stem, expand, depthwise, project, head), the two
@@ -408,10 +408,13 @@ def flops(spec: ArchSpec, batch: int = 1) -> int:
     """
     r = resolve(spec)
     macs = 0
-    for c in conv_layers(r):
+    k = int(from_block)
+    layers = conv_layers(r) if k == 0 else [
+        c for b in r.blocks[k:] for c in (b.expand, b.dw, b.project) if c is not None] + [r.head]
+    for c in layers:
         per_out = c.kernel * c.kernel * (1 if c.depthwise else c.cin)
         macs += c.out_hw * c.out_hw * c.cout * per_out
-    for b in r.blocks:
+    for b in r.blocks[k:]:
         if b.se is not None:
             macs += 2 * b.se.channels * b.se.squeeze
     macs += r.feature_dim * r.embedding_dim
@@ -420,6 +423,6 @@ def flops(spec: ArchSpec, batch: int = 1) -> int:
     return 2 * macs * int(batch)
 
 
-def train_flops(spec: ArchSpec, batch: int = 1) -> int:
+def train_flops(spec: ArchSpec, batch: int = 1, from_block: int = 0) -> int:
     """FLOPs of one training step (forward + backward ~= 3 x forward, see ``flops``)."""
-    return 3 * flops(spec, batch)
+    return 3 * flops(spec, batch, from_block)

@@ -89,6 +89,33 @@ class ActivationCache:
         self.rows.clear()
         self.bytes = 0
 
+    def save(self, path) -> None:
+        """Write every row to ``path`` (.npz, atomically): a device keeps its frozen
+        activations between rounds (each round's training runs in a fresh process)."""
+        from fedcbir.io import atomic_path
+
+        if not self.rows:
+            return
+        keys = np.fromiter(self.rows.keys(), np.int64, len(self.rows))
+        with atomic_path(path, suffix=".npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, keys=keys, rows=np.stack(list(self.rows.values())))
+
+    def load(self, path) -> int:
+        """Rows from a file written by :meth:`save` (a damaged file is ignored); returns how many."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                keys, rows = z["keys"], z["rows"]
+        except (OSError, ValueError, KeyError):
+            return 0
+        for k, row in zip(keys.tolist(), rows):
+            if self.bytes + row.nbytes > self.max_bytes:
+                break
+            if k not in self.rows:
+                self.rows[k] = np.ascontiguousarray(row)
+                self.bytes += row.nbytes
+        return len(self.rows)
+
     def lookup(self, keys: np.ndarray, compute) -> np.ndarray:
         """Rows for ``keys``; missing ones come from ``compute(index array)`` in one call."""
         keys = [int(k) for k in keys]

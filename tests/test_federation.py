@@ -377,3 +377,52 @@ def test_simulate_fails_fast_on_impossible_partition(tiny_catalog, tmp_path, cap
 
     rc = main(["simulate", "--catalog", str(tiny_catalog), "--clients", "500", "--out", str(tmp_path / "r")])
     assert rc != 0 and "500" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the pretrained default
+
+
+def test_partial_fine_tuning_sends_only_the_trained_part(tiny_catalog, tmp_path):
+    """The default encoder (EfficientNet-Lite0, ImageNet) at 64 px: only blocks >= 11, the head
+    and the projection travel; the frozen part in the final checkpoint is the ImageNet one."""
+    from models import canonical
+    from models.pretrained import convert
+
+    rc = RunConfig.from_flower({"catalog": str(tiny_catalog), "input-size": 64, "embedding-dim": 16,
+                                "frameworks": "torch", "partition": "iid", "num-server-rounds": 1,
+                                "max-steps": 2, "client-isolation": "inline", "fraction-evaluate": 0.0,
+                                "products-per-batch": 4}).to_flower()
+    grid, summary, rows = _run(rc, tmp_path / "run", nodes=2)
+    cfg = RunConfig.from_flower(rc)
+    spec = cfg.arch_spec(3)
+    shared = cfg.shared_names(spec)
+    assert cfg.trained_from() == 11 and not any(n.startswith(("stem.", "blocks.3.")) for n in shared)
+    sent = sum(int(np.prod(canonical.param_shapes(spec)[n])) * 4 for n in shared)
+    total = sum(int(np.prod(s)) * 4 for s in canonical.param_shapes(spec).values())
+    clients = rows[1]["clients"]
+    assert [c["status"] for c in clients] == ["ok", "ok"]
+    assert all(sent <= c["bytes_down"] < sent + 256 * len(shared) for c in clients), ([c["bytes_down"] for c in clients], sent)
+    assert sent < 0.85 * total
+    final = _final_weights(tmp_path / "run")
+    frozen = convert(spec)
+    for n in canonical.frozen_names(spec, 11):
+        assert np.array_equal(final[n], frozen[n]), n
+    assert not np.array_equal(final["blocks.15.project.conv.weight"], frozen["blocks.15.project.conv.weight"])
+
+
+def test_device_with_another_frozen_part_is_refused(tiny_catalog):
+    from edge_client.app import _full_weights
+    from edge_client.node import ClientFailure, Node
+
+    rc = RunConfig.from_flower({"catalog": str(tiny_catalog), "input-size": 64, "embedding-dim": 16,
+                                "client-isolation": "inline"}).to_flower()
+    node = Node.from_context(rc, {"partition-id": 0, "num-partitions": 2})
+
+    class _Ctx:
+        class state:  # noqa: N801 - stands in for context.state
+            array_records: dict = {}
+
+    with pytest.raises(ClientFailure, match="frozen encoder part differs"):
+        _full_weights(node, _Ctx, {"frozen-sha256": "0" * 64}, {}, 1)
+    w = _full_weights(node, _Ctx, {"frozen-sha256": node.frozen_digest()}, {}, 1)
+    assert set(w) == set(node.base_weights())
