@@ -1,15 +1,28 @@
 """Framework-neutral batches: decode once, then numpy batches every framework consumes.
 
 - :class:`ImageTable` decodes every image of some products once (``load_image`` then
-  ``to_uint8``) into a uint8 array ``[N, S, S, 3]`` with per-image product labels,
-  product-type ids and paths; unreadable images are skipped and listed. An optional
-  cache (``.npz``, keyed by the image list, file sizes and times, and the preprocessing)
-  makes the next load a single file read.
+  ``to_uint8``) into a uint8 table ``[N, S, S, 3]`` **on disk** (:class:`DiskImages`) with
+  per-image product labels, product-type ids and paths; unreadable images are skipped and
+  listed. Rows are read on demand (``table.images[idx]`` returns a fresh numpy array), so
+  a process holds a constant plus the rows of one batch, whatever the catalog size: all
+  of ABO at 160 px is 31 GB of pixels, more than this machine's memory. With a cache folder
+  the table is one raw ``images-<key>.u8`` file plus a small ``images-<key>.json`` written
+  after it (both atomically: temp file, then rename; the JSON is the commit point), keyed
+  by the image list, file sizes and times, and the preprocessing, so the next load
+  decodes nothing; without one it lives in an anonymous temporary file.
 - :class:`PKBatches` yields P products x K photos per batch for metric learning, with
   seeded augmentation done here once (random resized crop, horizontal flip, brightness
   and contrast) so PyTorch, Keras and Flax see byte-identical float32 NHWC batches for
   the same seed and epoch. ``batch(epoch, step)`` gives random access (resume mid-epoch).
 - :func:`eval_batches` yields the table in order, without augmentation.
+
+Why ``pread`` and not ``numpy.memmap`` for reading: pages of a memory-mapped file that a
+process has touched count in its resident set (``VmRSS``/``VmHWM``) until the kernel
+reclaims them, so an epoch of random P x K batches over a memmap shows a peak RSS as big
+as the file (measured: a 307 MB table read once through ``np.load(mmap_mode="r")`` raised
+VmHWM by 300 MB). ``pread`` copies just the rows asked for; the file's pages stay in the
+page cache, which is shared, reclaimable and not charged to the process.
+``DiskImages.memmap()`` still gives a read-only memmap of a cached table.
 """
 from __future__ import annotations
 
@@ -17,10 +30,12 @@ import hashlib
 import json
 import math
 import os
+import tempfile
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -31,7 +46,8 @@ from fedcbir.errors import FedcbirError
 from fedcbir.progress import progress_bar
 from fedcbir.io import atomic_path
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 1 = one .npz read back whole (before the tables moved to disk)
+_MAX_READ = 1 << 30  # bytes per pread call (Linux caps one read at ~2 GiB)
 
 
 @dataclass
@@ -42,9 +58,156 @@ class Batch:
     keys: np.ndarray | None = None  # int64 [B], image x views + view (with ``views``): same key, same pixels
 
 
+# ----------------------------------------------------------------------------- the table on disk
+
+
+class DiskImages:
+    """A read-only uint8 ``[N, S, S, 3]`` array kept in a raw file (C order, no header).
+
+    Indexing (an int, a slice, an int or bool array) reads just those rows with ``pread``
+    and returns a new in-memory array, like numpy fancy indexing; ``np.asarray`` reads all.
+    Safe to index from several threads (``pread`` has no shared file position).
+    """
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, file, shape: tuple[int, int, int, int], path: Path | None = None):
+        self._file = file  # an open binary file object (owned)
+        self.shape = tuple(int(s) for s in shape)
+        self.path = path  # None for an anonymous temporary file
+        self._row = int(np.prod(self.shape[1:]))
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, shape) -> "DiskImages":
+        path = Path(path)
+        f = open(path, "rb")
+        if os.fstat(f.fileno()).st_size != int(np.prod(shape)):
+            f.close()
+            raise ValueError(f"{path} does not hold {shape} uint8 values")
+        return cls(f, shape, path)
+
+    # numpy-like surface
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"DiskImages(shape={self.shape}, path={str(self.path) if self.path else '<temporary file>'})"
+
+    def __getitem__(self, key):
+        n = self.shape[0]
+        if isinstance(key, tuple):
+            head, rest = (key[0], key[1:]) if key else (slice(None), ())
+            rows = self[head]
+            return rows[(slice(None),) * (rows.ndim - 3) + rest] if rest else rows
+        if isinstance(key, (int, np.integer)):
+            i = int(key)
+            if not -n <= i < n:
+                raise IndexError(f"index {i} is out of bounds for {n} images")
+            return self._read_run(i % n, 1)[0]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step == 1:
+                return self._read_run(start, max(0, stop - start))
+            idx = np.arange(start, stop, step)
+        else:
+            idx = np.asarray(key)
+            if idx.dtype == bool:
+                if idx.shape != (n,):
+                    raise IndexError(f"boolean index of shape {idx.shape} for {n} images")
+                idx = np.flatnonzero(idx)
+            elif idx.size == 0:
+                idx = idx.astype(np.int64)
+            elif idx.dtype.kind not in "iu":
+                raise IndexError(f"images can be indexed by integers, slices or booleans, not {idx.dtype}")
+            if idx.ndim != 1:
+                out = self[idx.reshape(-1)]
+                return out.reshape(idx.shape + self.shape[1:])
+            if idx.size and (int(idx.min()) < -n or int(idx.max()) >= n):
+                raise IndexError(f"index out of bounds for {n} images")
+            idx = idx.astype(np.int64) % max(n, 1)
+        out = np.empty((len(idx),) + self.shape[1:], np.uint8)
+        if not len(idx):
+            return out
+        # one read per run of consecutive rows (a sorted slice is a single read)
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        for s, e in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(idx)]])):
+            self._read_into(out[s:e], int(idx[s]))
+        return out
+
+    def _read_run(self, start: int, count: int) -> np.ndarray:
+        out = np.empty((count,) + self.shape[1:], np.uint8)
+        if count:
+            self._read_into(out, start)
+        return out
+
+    def _read_into(self, out: np.ndarray, row: int) -> None:
+        buf = memoryview(out).cast("B")
+        offset = row * self._row
+        fd = self._file.fileno()
+        done = 0
+        while done < len(buf):
+            got = os.preadv(fd, [buf[done:done + _MAX_READ]], offset + done)
+            if got <= 0:
+                raise OSError(f"short read from the image table {self.path or '<temporary file>'}")
+            done += got
+
+    def memmap(self) -> np.memmap:
+        """A read-only ``numpy.memmap`` of the file (touching rows makes them resident: see module doc)."""
+        if self.path is None:
+            raise ValueError("an anonymous temporary table has no file to memory-map")
+        return np.memmap(self.path, dtype=np.uint8, mode="r", shape=self.shape)
+
+    def close(self) -> None:
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def __reduce__(self):
+        if self.path is not None:
+            return (DiskImages.open, (self.path, self.shape))
+        return (np.asarray, (self[:],))  # an anonymous table travels as its pixels
+
+
+def bounded_map(pool: ThreadPoolExecutor | None, fn: Callable, items: Iterable, window: int) -> Iterator:
+    """``map(fn, items)`` in order, with at most ``window`` calls in flight (``Executor.map``
+    submits every item at once: one future per catalog photo)."""
+    if pool is None:
+        for it in items:
+            yield fn(it)
+        return
+    pending: deque = deque()
+    for it in items:
+        pending.append(pool.submit(fn, it))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 @dataclass
 class ImageTable:
-    images: np.ndarray  # uint8 [N, S, S, 3]
+    images: Any  # DiskImages (or an in-memory uint8 ndarray) [N, S, S, 3]
     labels: np.ndarray  # int64 [N]
     types: np.ndarray  # int64 [N]
     paths: list[str]  # [N], relative to images/small
@@ -59,6 +222,27 @@ class ImageTable:
     @property
     def num_products(self) -> int:
         return len(self.item_ids)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of pixels (on disk for a loaded table)."""
+        return int(np.prod(self.images.shape))
+
+    def rows(self, idx) -> np.ndarray:
+        """uint8 pixels of rows ``idx`` (a slice or indices), read now."""
+        return np.asarray(self.images[idx])
+
+    def subset(self, idx: np.ndarray) -> "ImageTable":
+        """The rows ``idx`` as an in-memory table (small selections only)."""
+        idx = np.asarray(idx)
+        return ImageTable(images=self.rows(idx), labels=self.labels[idx], types=self.types[idx],
+                          paths=[self.paths[int(i)] for i in np.arange(len(self))[idx]], item_ids=self.item_ids,
+                          type_names=self.type_names, pre=self.pre, skipped=list(self.skipped))
+
+    def close(self) -> None:
+        close = getattr(self.images, "close", None)
+        if close is not None:
+            close()
 
     @classmethod
     def load(cls, root: str | Path, products: Sequence[Product], pre: Preprocess = DEFAULT_PREPROCESS,
@@ -79,17 +263,16 @@ class ImageTable:
         item_ids = [p.item_id for p in products]
         entries = [(label, type_id[p.product_type], rel) for label, p in enumerate(products) for rel in p.images]
 
-        cache_file = None
+        pixels_file = meta_file = None
         if cache_dir is not None:
-            cache_file = Path(cache_dir) / f"images-{_cache_key(images_dir, entries, item_ids, names, pre)}.npz"
-            table = _read_cache(cache_file, pre)
+            key = _cache_key(images_dir, entries, item_ids, names, pre)
+            pixels_file = Path(cache_dir) / f"images-{key}.u8"
+            meta_file = Path(cache_dir) / f"images-{key}.json"
+            table = _read_cache(pixels_file, meta_file, entries, item_ids, names, pre)
             if table is not None:
                 return table
 
         size = pre.size
-        out = np.empty((len(entries), size, size, 3), np.uint8)
-        ok = np.zeros(len(entries), bool)
-        skipped: list[str] = []
 
         def decode(i: int):
             try:
@@ -97,38 +280,68 @@ class ImageTable:
             except ImageError as exc:
                 return i, None, f"{entries[i][2]}: {exc}"
 
+        n_workers = max(1, workers or min(4, os.cpu_count() or 1))
         bar = progress_bar(progress)
         task = bar.add_task("decoding images", total=len(entries)) if bar else None
-        n_workers = workers or min(4, os.cpu_count() or 1)
+        skipped: list[tuple[int, str]] = []
+        rows = 0
+
+        def write_all(f) -> None:
+            nonlocal rows
+            with ThreadPoolExecutor(max_workers=n_workers) as pool:
+                for i, arr, err in bounded_map(pool, decode, range(len(entries)), window=8 * n_workers):
+                    if arr is None:
+                        skipped.append((i, err))
+                    else:
+                        f.write(np.ascontiguousarray(arr, np.uint8).data)
+                        rows += 1
+                    if bar:
+                        bar.advance(task)
+
         try:
             if bar:
                 bar.start()
-            with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
-                for i, arr, err in pool.map(decode, range(len(entries)), chunksize=16):
-                    if arr is None:
-                        skipped.append(err)
-                    else:
-                        out[i] = arr
-                        ok[i] = True
-                    if bar:
-                        bar.advance(task)
+            if pixels_file is not None:
+                pixels_file.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(pixels_file) as tmp:
+                    with open(tmp, "wb") as f:
+                        write_all(f)
+                with atomic_path(meta_file) as tmp:  # the commit point: written after the pixels
+                    tmp.write_text(json.dumps(_meta(rows, pre, skipped)), encoding="utf-8")
+                images = DiskImages.open(pixels_file, (rows, size, size, 3))
+            else:
+                f = tempfile.TemporaryFile(prefix="fedcbir-images-")
+                try:
+                    write_all(f)
+                    f.flush()
+                except BaseException:
+                    f.close()
+                    raise
+                images = DiskImages(f, (rows, size, size, 3))
         finally:
             if bar:
                 bar.stop()
-        keep = np.flatnonzero(ok)
-        table = cls(
-            images=out[keep] if len(keep) != len(entries) else out,
-            labels=np.array([entries[i][0] for i in keep], np.int64),
-            types=np.array([entries[i][1] for i in keep], np.int64),
-            paths=[entries[i][2] for i in keep],
-            item_ids=item_ids,
-            type_names=names,
-            pre=pre,
-            skipped=skipped,
-        )
-        if cache_file is not None:
-            _write_cache(cache_file, table)
-        return table
+        return _table(images, entries, item_ids, names, pre, skipped)
+
+
+def _meta(rows: int, pre: Preprocess, skipped: list[tuple[int, str]]) -> dict:
+    return {"format": CACHE_FORMAT, "rows": int(rows), "pre": pre.to_dict(),
+            "skipped": [[int(i), str(why)] for i, why in skipped]}
+
+
+def _table(images, entries, item_ids, names, pre, skipped: list[tuple[int, str]]) -> ImageTable:
+    gone = {i for i, _ in skipped}
+    keep = [i for i in range(len(entries)) if i not in gone] if gone else range(len(entries))
+    return ImageTable(
+        images=images,
+        labels=np.fromiter((entries[i][0] for i in keep), np.int64, count=len(keep)),
+        types=np.fromiter((entries[i][1] for i in keep), np.int64, count=len(keep)),
+        paths=[entries[i][2] for i in keep],
+        item_ids=item_ids,
+        type_names=names,
+        pre=pre,
+        skipped=[why for _, why in skipped],
+    )
 
 
 def _cache_key(images_dir: Path, entries, item_ids, names, pre: Preprocess) -> str:
@@ -145,33 +358,20 @@ def _cache_key(images_dir: Path, entries, item_ids, names, pre: Preprocess) -> s
     return h.hexdigest()[:32]
 
 
-def _write_cache(path: Path, table: ImageTable) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, images=table.images, labels=table.labels, types=table.types,
-                     paths=np.array(table.paths, dtype=str), item_ids=np.array(table.item_ids, dtype=str),
-                     type_names=np.array(table.type_names, dtype=str), skipped=np.array(table.skipped, dtype=str),
-                     pre=np.array(json.dumps(table.pre.to_dict())))
-
-
-def _read_cache(path: Path, pre: Preprocess) -> ImageTable | None:
-    if not path.is_file():
-        return None
+def _read_cache(pixels_file: Path, meta_file: Path, entries, item_ids, names, pre: Preprocess) -> ImageTable | None:
+    """The cached table, or None when absent, damaged or of other settings (then it is rebuilt)."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if Preprocess.from_dict(json.loads(str(z["pre"]))) != pre:
-                return None
-            table = ImageTable(images=z["images"], labels=z["labels"].astype(np.int64), types=z["types"].astype(np.int64),
-                               paths=z["paths"].tolist(), item_ids=z["item_ids"].tolist(),
-                               type_names=z["type_names"].tolist(), pre=pre, skipped=z["skipped"].tolist())
-    except Exception:  # a damaged cache is rebuilt, never fatal
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        if meta.get("format") != CACHE_FORMAT or Preprocess.from_dict(meta["pre"]) != pre:
+            return None
+        skipped = [(int(i), str(why)) for i, why in meta["skipped"]]
+        rows = int(meta["rows"])
+        if rows + len(skipped) != len(entries) or any(not 0 <= i < len(entries) for i, _ in skipped):
+            return None
+        images = DiskImages.open(pixels_file, (rows, pre.size, pre.size, 3))
+    except Exception:  # noqa: BLE001 - a damaged cache is rebuilt, never fatal
         return None
-    n = table.images.shape[0]
-    if table.images.shape[1:] != (pre.size, pre.size, 3) or len(table.labels) != n or len(table.paths) != n:
-        return None
-    return table
-
+    return _table(images, entries, item_ids, names, pre, skipped)
 
 
 # ----------------------------------------------------------------------------- batches

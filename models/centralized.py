@@ -170,8 +170,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print_json(summary)
     else:
         f, i, r = summary["final"], summary["initial"], summary["raw_pixels"]
+        raw = f"{r['recall@1']:.3f}" if r else "n/a"
         print(f"{summary['framework']}: {summary['epochs']} epochs on {summary['train_products']} products; "
-              f"test Recall@1 {f['recall@1']:.3f} (untrained {i['recall@1']:.3f}, raw pixels {r['recall@1']:.3f}), "
+              f"test Recall@1 {f['recall@1']:.3f} (untrained {i['recall@1']:.3f}, raw pixels {raw}), "
               f"mAP@R {f['map@r']:.3f}; checkpoint {summary['checkpoint']}")
     return 0
 

@@ -25,12 +25,22 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(norms, eps)
 
 
-def rank_gallery(queries: np.ndarray, gallery: np.ndarray, top: int) -> np.ndarray:
-    """Indices of the ``top`` most cosine-similar gallery rows for each query (ties: lower index)."""
-    sims = l2_normalize(queries) @ l2_normalize(gallery).T
-    top = min(top, gallery.shape[0])
-    # stable sort on -sim keeps equal scores in gallery order, so results are deterministic
-    return np.argsort(-sims, axis=1, kind="stable")[:, :top]
+def rank_gallery(queries: np.ndarray, gallery: np.ndarray, top: int, *,
+                 block_elements: int = 1 << 24) -> np.ndarray:
+    """Indices of the ``top`` most cosine-similar gallery rows for each query (ties: lower index).
+
+    Queries are ranked in blocks of about ``block_elements`` similarities (64 MB of float32),
+    so memory does not grow with queries x gallery."""
+    q = l2_normalize(queries)
+    g = l2_normalize(gallery)
+    top = min(top, g.shape[0])
+    step = max(1, int(block_elements) // max(1, g.shape[0]))
+    out = np.empty((q.shape[0], top), np.int64)
+    for i in range(0, q.shape[0], step):
+        sims = q[i:i + step] @ g.T
+        # stable sort on -sim keeps equal scores in gallery order, so results are deterministic
+        out[i:i + step] = np.argsort(-sims, axis=1, kind="stable")[:, :top]
+    return out
 
 
 def retrieval_metrics_from_ranking(

@@ -17,7 +17,6 @@ import numpy as np
 class ServerEvaluator:
     def __init__(self, split, spec, pre, framework: str = "torch", bn_policy: str = "local", threads: int = 1,
                  train_from: int = 0):
-        from catalog.images import normalize
         from models.api import TrainConfig, make_trainer
         from retrieval.evaluate import RetrievalEval
 
@@ -26,12 +25,9 @@ class ServerEvaluator:
         self.bn_policy = bn_policy
         self.trainer = make_trainer(framework, spec, TrainConfig(threads=threads, bn_policy=bn_policy,
                                                                              train_from=train_from))
-        t = self.evaluator.table
-        self._gallery = normalize(t.images[self.evaluator.is_main], t.pre)
 
     def _gallery_batches(self, batch_size: int = 32):
-        for i in range(0, len(self._gallery), batch_size):
-            yield self._gallery[i:i + batch_size]
+        return self.evaluator.gallery_batches(batch_size)  # read from disk batch by batch
 
     def evaluate(self, weights: Mapping[str, np.ndarray]) -> dict[str, Any]:
         t0 = time.perf_counter()

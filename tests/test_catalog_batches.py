@@ -46,7 +46,9 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
 def test_cache_round_trip(sample_catalog, tmp_path, monkeypatch):
     products = load_products(sample_catalog)[:4]
     first = ImageTable.load(sample_catalog, products, progress=False, cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("images-*.npz"))) == 1
+    assert len(list(tmp_path.glob("images-*.u8"))) == 1 and len(list(tmp_path.glob("images-*.json"))) == 1
+    assert not list(tmp_path.glob(".*"))  # no temporary file left
+    assert isinstance(first.images, batches.DiskImages) and first.images.path.parent == tmp_path
 
     def boom(*a, **k):
         raise AssertionError("the cache should have been used")
@@ -57,7 +59,88 @@ def test_cache_round_trip(sample_catalog, tmp_path, monkeypatch):
     assert second.item_ids == first.item_ids and np.array_equal(second.types, first.types)
     monkeypatch.undo()
     other = ImageTable.load(sample_catalog, products, Preprocess(size=48), progress=False, cache_dir=tmp_path)
-    assert other.images.shape[1] == 48 and len(list(tmp_path.glob("images-*.npz"))) == 2
+    assert other.images.shape[1] == 48 and len(list(tmp_path.glob("images-*.u8"))) == 2
+    # a damaged cache (pixels cut short) is rebuilt, never fatal
+    pixels = first.images.path
+    ref = np.asarray(first.images)
+    pixels.write_bytes(pixels.read_bytes()[:1000])
+    rebuilt = ImageTable.load(sample_catalog, products, progress=False, cache_dir=tmp_path)
+    assert np.array_equal(rebuilt.images, ref)
+
+
+def test_cache_is_committed_only_when_complete(sample_catalog, tmp_path, monkeypatch):
+    """A decode that fails part-way leaves no cache (nor temporary files) behind."""
+    products = load_products(sample_catalog)[:4]
+    calls = {"n": 0}
+    real = batches.load_image
+
+    def flaky(path):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(batches, "load_image", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        ImageTable.load(sample_catalog, products, progress=False, cache_dir=tmp_path, workers=1)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    t = ImageTable.load(sample_catalog, products, progress=False, cache_dir=tmp_path)
+    assert len(t) == 20 and len(list(tmp_path.iterdir())) == 2
+
+
+def test_disk_images_index_like_numpy(tmp_path):
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 256, size=(37, 4, 4, 3), dtype=np.uint8)
+    path = tmp_path / "t.u8"
+    path.write_bytes(ref.tobytes())
+    d = batches.DiskImages.open(path, ref.shape)
+    assert len(d) == 37 and d.shape == ref.shape and d.dtype == np.uint8 and d.ndim == 4
+    for key in (0, -1, 5, slice(None), slice(3, 9), slice(30, 99), slice(None, None, 3), slice(9, 2, -2),
+                np.array([4, 5, 6, 1, 1, 36]), [2, 0], np.arange(37) % 2 == 0, np.array([], np.int64),
+                np.array([[1, 2], [3, 4]]), (slice(2, 4), 0), np.int64(7)):
+        assert np.array_equal(d[key], ref[key]), key
+    assert np.array_equal(np.asarray(d), ref) and np.array_equal(d.memmap(), ref)
+    for bad in (37, -38, np.array([0, 40]), np.ones(5, bool)):
+        with pytest.raises(IndexError):
+            d[bad]
+    import pickle
+
+    assert np.array_equal(pickle.loads(pickle.dumps(d))[3:5], ref[3:5])
+    with pytest.raises(ValueError):
+        batches.DiskImages.open(path, (38, 4, 4, 3))
+
+
+def test_reading_batches_does_not_grow_memory_with_the_table(tmp_path):
+    """Peak RSS of a process that reads every row of a 300 MB table in random P x K batches
+    stays near its start (pread; a numpy memmap would make the whole file resident)."""
+    import subprocess
+    import sys
+
+    n, s = 4000, 160  # 4000 x 160 x 160 x 3 = 307 MB
+    path = tmp_path / "big.u8"
+    with open(path, "wb") as f:
+        row = np.zeros((s, s, 3), np.uint8)
+        for _ in range(n):
+            f.write(row.data)
+    code = f"""
+import numpy as np
+from catalog.batches import DiskImages, ImageTable, PKBatches
+from catalog.images import Preprocess
+from fedcbir.memory import vm_hwm_mb
+d = DiskImages.open({str(path)!r}, ({n}, {s}, {s}, 3))
+t = ImageTable(images=d, labels=np.arange({n}) // 4, types=np.zeros({n}, np.int64), paths=[""] * {n},
+               item_ids=[str(i) for i in range({n} // 4)], type_names=["X"], pre=Preprocess(size={s}))
+pk = PKBatches(t, p=16, k=4, seed=0, augment=False)
+pk.batch(0, 0)
+base = vm_hwm_mb()
+for step in range(pk.steps_per_epoch):
+    pk.batch(0, step)
+print(base, vm_hwm_mb())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    base, peak = map(float, out.split())
+    assert peak - base < 60, (base, peak)  # one batch is 20 MB of float32
 
 
 def test_pk_batches_shape_and_determinism(table):
