@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "photos, key -> photo -> product), and record them in the bundle's manifest (checksums, dtype, "
                     "count, model). Unreadable photos are skipped and reported. The bundle changes in one atomic step "
                     "at the end. --update applies added / removed / changed listings and photos without re-embedding "
-                    "the rest (the graph is rebuilt when deleted slots exceed a quarter).",
+                    "the rest (the graph is rebuilt when deleted slots exceed a quarter). Progress with an ETA goes "
+                    "to stderr; an interrupted run (Ctrl-C, a kill) resumes from its last checkpoint when run "
+                    "again with the same bundle, catalog and batch size.",
         formatter_class=_FMT,
         epilog="examples:\n  catalog-search index --bundle bundle/ --catalog ~/data/abo --runtime litert --dtype i8\n"
                "  catalog-search index --bundle bundle/ --catalog ~/data/abo --update")
@@ -69,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "re-ranked with f16 copies), f32")
     p.add_argument("--update", action="store_true", help="apply catalog changes to the existing index")
     p.add_argument("--batch-size", type=_positive, default=32, help="images per runtime call (default: 32)")
-    p.add_argument("--workers", type=_positive, default=2, help="decoding threads (default: 2)")
+    p.add_argument("--workers", type=_positive, default=2,
+                   help="decoding threads, working ahead of the runtime (default: 2); with --threads, the cores "
+                        "the build may use")
+    p.add_argument("--save-every", type=_positive, default=1024, metavar="N",
+                   help="photos per resume checkpoint (default: 1024): an interrupted build or update keeps "
+                        "what it embedded in BUNDLE/index/.work/ and the next identical run continues from there")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_index)
 
@@ -139,7 +146,8 @@ def _index(args) -> int:
 
     report = build_catalog_index(args.bundle, args.catalog, runtime=args.runtime, precision=args.precision,
                                  dtype=args.dtype, update=args.update, threads=args.threads, workers=args.workers,
-                                 batch_size=args.batch_size, progress=not args.json)
+                                 batch_size=args.batch_size, progress=not args.json,
+                                 segment_images=args.save_every)
     if args.json:
         print_json(report)
         return 0
@@ -152,8 +160,12 @@ def _index(args) -> int:
     if report["update"]:
         print(f"  embedded {report['embedded']} photos, removed {report['removed_images']}, "
               f"changed listings {report['changed_listings']}" + (", compacted" if report["compacted"] else ""))
+    if report.get("resumed"):
+        print(f"  resumed an interrupted run: {report['resumed']} photos were embedded before, "
+              f"{report['embedded_now']} now")
     if report.get("images_per_second"):
-        print(f"  {report['images_per_second']} images/s (decode + preprocess + embed), {report['seconds']} s in all")
+        print(f"  {report['images_per_second']} images/s (decode + preprocess + embed; {report['workers']} decoding "
+              f"threads, {report['threads']} runtime threads), {report['seconds']} s in all")
     if report["skipped"]:
         print(f"  skipped {report['skipped']} unreadable photos, e.g.:", file=sys.stderr)
         for s in report["skipped_examples"][:5]:

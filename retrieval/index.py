@@ -494,6 +494,163 @@ class _Work:
         self.items: list[tuple[str, str, bool]] = []
 
 
+class _CatalogPaths:
+    """``paths[i]`` = the file of work item ``i`` (made on demand, not a list of N Paths)."""
+
+    def __init__(self, images_dir: Path, items: list[tuple[str, str, bool]]):
+        self.images_dir = images_dir
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Path:
+        return self.images_dir / self.items[i][1]
+
+
+WORK_DIR = ".work"  # BUNDLE/index/.work/partial-<key>/: embedded segments of an unfinished build
+PARTIAL_FORMAT = 1
+
+
+def _resume_key(rec: dict, root: Path, old_entry: dict | None, work: _Work, batch_size: int,
+                segment_images: int) -> str:
+    """What embedded segments depend on: the model file and its runtime, the preprocessing, the
+    catalog, the index being updated (its generation), the photos in order, the batch size
+    (it groups photos into runtime calls) and the segment size. Decoding threads and runtime
+    threads are not part of it: they do not change which vectors a photo gets."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    h.update(json.dumps({"format": PARTIAL_FORMAT, "model": rec, "catalog": str(root),
+                         "update_of": (old_entry or {}).get("generation"), "batch_size": int(batch_size),
+                         "segment_images": int(segment_images), "photos": len(work.items)},
+                        sort_keys=True, default=str).encode())
+    for item_id, rel, is_main in work.items:
+        h.update(f"{item_id}\t{rel}\t{int(is_main)}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def _segment_saved(segment: int) -> None:
+    """Called after each segment is on disk. ``FEDCBIR_INDEX_SEGMENT_PAUSE`` (seconds) slows
+    a build down here, so tests and demonstrations can interrupt it part-way."""
+    pause = os.environ.get("FEDCBIR_INDEX_SEGMENT_PAUSE")
+    if pause:
+        import time
+
+        time.sleep(float(pause))
+
+
+class _Partial:
+    """The embedded segments of one unfinished build (``index/.work/partial-<key>/seg-NNNNNN.npz``).
+
+    Segment ``g`` covers work items ``[g * S, (g + 1) * S)``; its file is written atomically
+    (temporary file, then rename), so a file that exists is complete. It records, per photo,
+    the file's size, mtime and sha256 (or why it could not be used) and the vectors of the
+    usable ones; a segment is reused only when every photo still has the recorded size and
+    mtime."""
+
+    def __init__(self, folder: Path, n_items: int, segment_images: int):
+        self.dir = folder
+        self.n_items = int(n_items)
+        self.segment_images = int(segment_images)
+        self.segments = -(-self.n_items // self.segment_images)
+
+    @classmethod
+    def begin(cls, bundle_dir: Path, key: str, n_items: int, segment_images: int) -> "_Partial":
+        import shutil
+
+        work = bundle_dir / INDEX_DIR / WORK_DIR
+        if work.is_dir():
+            for other in work.iterdir():  # another build's leftovers can never be resumed now
+                if other.name != f"partial-{key}":
+                    shutil.rmtree(other, ignore_errors=True) if other.is_dir() else other.unlink()
+        folder = work / f"partial-{key}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".*"):
+            stale.unlink()  # a temporary file of a killed run
+        return cls(folder, n_items, segment_images)
+
+    def segment_range(self, g: int) -> range:
+        return range(g * self.segment_images, min(self.n_items, (g + 1) * self.segment_images))
+
+    def file(self, g: int) -> Path:
+        return self.dir / f"seg-{g:06d}.npz"
+
+    def reusable(self, photos: _CatalogPaths) -> set[int]:
+        """Segments on disk whose photos are unchanged (the others are embedded again)."""
+        out = set()
+        for g in range(self.segments):
+            if not self.file(g).is_file():
+                continue
+            r = self.segment_range(g)
+            try:
+                with np.load(self.file(g), allow_pickle=False) as z:  # reads only these arrays
+                    seg = {k: z[k] for k in ("first", "count", "size", "mtime")}
+                if int(seg["first"]) != r.start or int(seg["count"]) != len(r) or len(seg["size"]) != len(r):
+                    raise ValueError("another layout")
+            except Exception:  # noqa: BLE001 - damaged or foreign: embed it again
+                self.file(g).unlink(missing_ok=True)
+                continue
+            if all(_stat_pair(photos[i]) == (int(seg["size"][j]), int(seg["mtime"][j])) for j, i in enumerate(r)):
+                out.add(g)
+        return out
+
+    def save(self, g: int, parts: list, photos: _CatalogPaths) -> None:
+        from fedcbir.io import atomic_path
+
+        r = self.segment_range(g)
+        sizes = np.full(len(r), -1, np.int64)
+        mtimes = np.full(len(r), -1, np.int64)
+        shas = np.zeros(len(r), "S64")
+        errors = [""] * len(r)
+        ok: list[int] = []
+        vectors = []
+        for chunk, infos, vec, good in parts:
+            for j, d in zip(chunk, infos):
+                k = j - r.start
+                if d.error is None:
+                    sizes[k], mtimes[k], shas[k] = d.size, d.mtime_ns, d.sha256.encode("ascii")
+                else:
+                    sizes[k], mtimes[k] = _stat_pair(photos[j])
+                    errors[k] = d.error
+            ok.extend(chunk[j] - r.start for j in good)
+            vectors.append(np.asarray(vec, np.float32))
+        if sorted(ok) != ok or len(ok) != sum(len(v) for v in vectors):
+            raise RuntimeError("internal error: segment parts out of order")
+        with atomic_path(self.file(g), suffix=".npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, first=np.int64(r.start), count=np.int64(len(r)), ok=np.asarray(ok, np.int64),
+                         vectors=np.concatenate(vectors, axis=0), size=sizes, mtime=mtimes, sha256=shas,
+                         errors=np.asarray(errors, dtype=str))
+                f.flush()
+                os.fsync(f.fileno())
+
+    def load(self, g: int) -> dict[str, np.ndarray]:
+        r = self.segment_range(g)
+        try:
+            with np.load(self.file(g), allow_pickle=False) as z:
+                seg = {k: z[k] for k in ("first", "count", "ok", "vectors", "size", "mtime", "sha256", "errors")}
+        except Exception as exc:  # noqa: BLE001 - damaged: embed it again
+            raise IndexFileError(f"damaged resume segment {self.file(g)}: {exc}") from None
+        n = len(r)
+        ok = seg["ok"]
+        if (int(seg["first"]) != r.start or int(seg["count"]) != n or len(seg["size"]) != n
+                or len(seg["errors"]) != n or seg["vectors"].ndim != 2 or len(seg["vectors"]) != len(ok)
+                or (len(ok) and (int(ok.min()) < 0 or int(ok.max()) >= n))):
+            raise IndexFileError(f"resume segment {self.file(g)} does not match this build")
+        return seg
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            self.dir.parent.rmdir()  # .work, when empty
+        except OSError:
+            pass
+
+
 def _stat_pair(path: Path) -> tuple[int, int]:
     try:
         st = path.stat()
@@ -534,15 +691,25 @@ def _publish(bundle, new_paths: dict[str, Path], entry: dict) -> None:
 def build_catalog_index(bundle_path: str | os.PathLike, catalog_root: str | os.PathLike, *,
                         runtime: str | None = None, precision: str | None = None, dtype: str | None = None,
                         update: bool = False, threads: int = 1, workers: int = 2, batch_size: int = 32,
-                        progress: bool = True) -> dict[str, Any]:
+                        progress: bool = True, segment_images: int = 1024) -> dict[str, Any]:
     """``catalog-search index``: embed the catalog's photos, build the index + store, publish.
 
     ``update=True`` applies added, removed and changed listings and photos to the existing
     index (same model and dtype) instead of re-embedding everything; it rebuilds the graph
     only when more than a quarter of its slots would be deleted ones ("compaction").
     Returns a report (counts, skipped photos, timings). The bundle changes only at the
-    final manifest replace; on any error it is left as it was.
+    final manifest replace; on any error it is left as it was, except that an interrupted
+    run (Ctrl-C, a kill, a crash) leaves the photos it embedded in ``index/.work/`` (one
+    file per ``segment_images`` photos, each written atomically): the next run with the
+    same model, catalog, work list and batch size reuses them and embeds only the rest
+    (``report["resumed"]``), and any other run removes them.
+
+    ``workers`` threads decode photos ahead of the embedding (a pipeline); ``threads`` is
+    the runtime's own thread count (and usearch's when adding). Memory holds a few chunks
+    of ``4 x batch_size`` photos and one segment of vectors besides the index itself.
     """
+    if workers < 1 or threads < 1 or batch_size < 1 or segment_images < 1:
+        raise FedcbirError("workers, threads, batch size and segment size must be >= 1")
     from retrieval.search import open_bundle
 
     bundle = open_bundle(bundle_path, check="all")
@@ -550,16 +717,17 @@ def build_catalog_index(bundle_path: str | os.PathLike, catalog_root: str | os.P
     with _BundleLock(Path(bundle.path)):
         bundle = open_bundle(bundle_path, check="lazy")
         return _build_locked(bundle, catalog_root, runtime=runtime, precision=precision, dtype=dtype, update=update,
-                             threads=threads, workers=workers, batch_size=batch_size, progress=progress)
+                             threads=threads, workers=workers, batch_size=batch_size, progress=progress,
+                             segment_images=segment_images)
 
 
 def _build_locked(bundle, catalog_root, *, runtime, precision, dtype, update, threads, workers, batch_size,
-                  progress) -> dict[str, Any]:
+                  progress, segment_images) -> dict[str, Any]:
     import time
 
     from catalog.abo import AboCatalog, IMAGES_DIR
     from fedcbir.progress import progress_bar
-    from retrieval.search import check_model, embed_files, load_model, model_record, preprocess_of
+    from retrieval.search import check_model, iter_embedded, load_model, model_record, preprocess_of
 
     t_start = time.perf_counter()
     bundle_dir = Path(bundle.path)
@@ -595,7 +763,10 @@ def _build_locked(bundle, catalog_root, *, runtime, precision, dtype, update, th
                              else ("index", "store"))
     made_dir = not (bundle_dir / INDEX_DIR).exists()
     (bundle_dir / INDEX_DIR).mkdir(exist_ok=True)
+    for stale in (bundle_dir / INDEX_DIR).glob(".catalog-*.tmp"):
+        stale.unlink()  # left by a killed run (we hold the bundle's lock: no other writer)
     tmp = {r: p.with_name("." + p.name + ".tmp") for r, p in paths.items()}
+    partial = None
     report: dict[str, Any] = {"bundle": str(bundle_dir), "catalog": str(root), "dtype": dtype, "update": update,
                               "model": {k: rec[k] for k in ("file", "runtime", "precision", "dim")}}
     try:
@@ -609,40 +780,81 @@ def _build_locked(bundle, catalog_root, *, runtime, precision, dtype, update, th
                 p.unlink(missing_ok=True)
             report.update(status="up to date", seconds=round(time.perf_counter() - t_start, 2))
             return report
-        # embed
-        files = [root / IMAGES_DIR / rel for _, rel, _ in work.items]
+        # embed: finished segments persist in the bundle's index work folder, so an
+        # interrupted run (Ctrl-C, a kill, a crash) resumes where it stopped
+        partial = _Partial.begin(bundle_dir, _resume_key(rec, root, old_entry if update else None, work,
+                                                         batch_size, segment_images),
+                                 len(work.items), segment_images)
+        photos = _CatalogPaths(root / IMAGES_DIR, work.items)
         t_embed = time.perf_counter()
-        bar = progress_bar(progress and bool(files))
-        if bar is not None:
-            bar.start()
-            task = bar.add_task("embedding catalog photos", total=len(files))
-            on_progress = lambda n: bar.advance(task, n)  # noqa: E731
-        else:
-            on_progress = None
+        reused = partial.reusable(photos)
+        todo = [g for g in range(partial.segments) if g not in reused]
+        reused_photos = sum(len(partial.segment_range(g)) for g in reused)
+        chunk = max(1, batch_size) * 4
+        chunks = [range(c, min(r.stop, c + chunk)) for g in todo for r in [partial.segment_range(g)]
+                  for c in range(r.start, r.stop, chunk)]
+        bar = progress_bar(progress and bool(work.items))
+        embedded_now = 0
         try:
-            vectors, infos, ok = embed_files(embedder, pre, files, batch_size=batch_size, workers=workers,
-                                             with_hash=True, on_progress=on_progress)
+            if bar is not None:
+                bar.start()
+                task = bar.add_task("embedding catalog photos" + (f" (resumed: {reused_photos} done before)"
+                                                                  if reused_photos else ""),
+                                    total=len(work.items), completed=reused_photos)
+            pending: dict[int, list] = {}
+            for ch, infos, vectors, ok in iter_embedded(embedder, pre, photos, chunks, batch_size=batch_size,
+                                                        workers=workers, with_hash=True):
+                g = ch.start // partial.segment_images
+                pending.setdefault(g, []).append((ch, infos, vectors, ok))
+                embedded_now += len(ch)
+                if bar is not None:
+                    bar.advance(task, len(ch))
+                if ch.stop == partial.segment_range(g).stop:
+                    partial.save(g, pending.pop(g), photos)
+                    _segment_saved(g)
         finally:
             if bar is not None:
                 bar.stop()
         embed_s = time.perf_counter() - t_embed
-        new_keys = store.allocate_keys(len(ok))
-        skipped = []
-        ok_set = set(ok)
-        for i, (item_id, rel, _) in enumerate(work.items):
-            if i not in ok_set:
-                skipped.append((item_id, rel, infos[i].error))
-                store.record_skipped(item_id, rel, infos[i].error, *_stat_pair(files[i]))
-        for key, i in zip(new_keys, ok):
-            item_id, rel, is_main = work.items[i]
-            d = infos[i]
-            store.add_image(key, item_id, rel, is_main, d.size, d.mtime_ns, d.sha256)
+        # add to the store and the index, segment by segment (keys in work order, as one pass would)
         t_index = time.perf_counter()
-        add_vectors(index, new_keys, vectors, threads=max(1, threads))
-        if exact is not None:
-            order = np.argsort(np.concatenate([exact[0], np.asarray(new_keys, np.uint64)]), kind="stable")
-            exact = (np.concatenate([exact[0], np.asarray(new_keys, np.uint64)])[order],
-                     np.concatenate([exact[1], vectors.astype(np.float16)])[order])
+        skipped = []
+        n_ok = 0
+        bar = progress_bar(progress and partial.segments > 1)
+        try:
+            if bar is not None:
+                bar.start()
+                task = bar.add_task("adding to the index", total=len(work.items))
+            new_exact = []
+            for g in range(partial.segments):
+                seg = partial.load(g)
+                r = partial.segment_range(g)
+                new_keys = store.allocate_keys(len(seg["ok"]))
+                ok_set = set(seg["ok"].tolist())
+                for j in range(len(r)):
+                    if j not in ok_set:
+                        item_id, rel, _ = work.items[r.start + j]
+                        why = str(seg["errors"][j])
+                        skipped.append((item_id, rel, why))
+                        store.record_skipped(item_id, rel, why, int(seg["size"][j]), int(seg["mtime"][j]))
+                for key, j in zip(new_keys, seg["ok"].tolist()):
+                    item_id, rel, is_main = work.items[r.start + j]
+                    store.add_image(key, item_id, rel, is_main, int(seg["size"][j]), int(seg["mtime"][j]),
+                                    seg["sha256"][j].decode("ascii"))
+                add_vectors(index, new_keys, seg["vectors"], threads=max(1, threads))
+                if exact is not None:
+                    new_exact.append((np.asarray(new_keys, np.uint64), seg["vectors"].astype(np.float16)))
+                n_ok += len(new_keys)
+                if bar is not None:
+                    bar.advance(task, len(r))
+        finally:
+            if bar is not None:
+                bar.stop()
+        if exact is not None and new_exact:
+            all_keys = np.concatenate([exact[0]] + [k for k, _ in new_exact])
+            order = np.argsort(all_keys, kind="stable")
+            exact = (all_keys[order], np.concatenate([exact[1]] + [v for _, v in new_exact])[order])
+            del new_exact
         index.save(os.fspath(tmp["index"]))
         if update and needs_compaction(tmp["index"]):
             index = _rebuild(index, exact, dtype, ui, threads)
@@ -654,7 +866,7 @@ def _build_locked(bundle, catalog_root, *, runtime, precision, dtype, update, th
             save_npy(tmp["vectors"], exact[1])
         counts = store.counts()
         if counts["images"] == 0:
-            raise FedcbirError(f"none of the catalog's {len(files)} photos could be used "
+            raise FedcbirError(f"none of the catalog's {len(work.items)} photos could be used "
                                f"(e.g. {skipped[0][2] if skipped else 'no photos'}); the bundle was not changed")
         store.set_meta("generation", gen)
         store.commit_and_close()
@@ -678,10 +890,16 @@ def _build_locked(bundle, catalog_root, *, runtime, precision, dtype, update, th
             "fedcbir_version": _fedcbir_version(),
         }
         _publish(bundle, paths, entry)
-    except BaseException:
+        if partial is not None:
+            partial.remove()  # done: nothing to resume
+    except BaseException as exc:
         for p in list(tmp.values()) + list(paths.values()):
             if p.exists() and p not in _current_files(bundle_dir):
                 p.unlink()
+        if partial is not None and isinstance(exc, FedcbirError):
+            partial.remove()  # a refusal (bad data, bad model) would only fail the same way again
+        if made_dir and partial is not None and partial.dir.exists():
+            made_dir = False  # the work folder stays for the next run
         if made_dir:
             try:
                 (bundle_dir / INDEX_DIR).rmdir()
@@ -690,10 +908,13 @@ def _build_locked(bundle, catalog_root, *, runtime, precision, dtype, update, th
         raise
     report.update(
         status="updated" if update else "built", generation=gen, images=counts["images"],
-        indexed_products=counts["products"], embedded=len(ok), skipped=len(skipped),
+        indexed_products=counts["products"], embedded=n_ok, embedded_now=embedded_now, resumed=reused_photos,
+        skipped=len(skipped),
         skipped_examples=[{"item_id": i, "image": r, "reason": why} for i, r, why in skipped[:10]],
         compacted=compacted, deleted_slots=entry["deleted_slots"],
-        embed_seconds=round(embed_s, 2), images_per_second=round(len(files) / embed_s, 1) if files and embed_s > 0 else None,
+        embed_seconds=round(embed_s, 2),
+        images_per_second=round(embedded_now / embed_s, 1) if embedded_now and embed_s > 0 else None,
+        workers=workers, threads=threads,
         index_seconds=round(index_s, 2), seconds=round(time.perf_counter() - t_start, 2),
         files={r: entry["files"][r]["path"] for r in entry["files"]},
         bytes=sum(int(f["bytes"]) for f in entry["files"].values()))

@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -165,6 +165,41 @@ def embed_pixels(embedder, pixels: np.ndarray, pre, batch_size: int = 32) -> np.
     return l2_normalize(out)
 
 
+def iter_embedded(embedder, pre, paths: Sequence[Path], chunks: Iterable[Sequence[int]], *, batch_size: int = 32,
+                  workers: int = 1, with_hash: bool = False):
+    """Decode and embed ``paths[i]`` chunk by chunk; yields ``(chunk, infos, vectors, ok)`` per
+    chunk in order (``infos[j]`` describes ``paths[chunk[j]]``, ``ok`` the positions in the chunk
+    whose rows ``vectors`` holds).
+
+    A pipeline: ``workers`` threads decode ahead (at most two chunks in flight) while the
+    calling thread embeds with the runtime's own threads, so memory is bounded by a few
+    chunks of pixels whatever the number of paths.
+    """
+    from catalog.batches import bounded_map
+
+    chunks = list(chunks)
+    window = 2 * max((len(c) for c in chunks), default=1)
+
+    def decode(i: int) -> Decoded:
+        return decode_file(Path(paths[i]), pre, with_hash)
+
+    order = (i for c in chunks for i in c)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        decoded_iter = bounded_map(pool, decode, order, window=window)
+        for chunk in chunks:
+            infos = [next(decoded_iter) for _ in chunk]
+            good = []
+            for j, d in enumerate(infos):
+                if d.pixels is not None:
+                    good.append((j, d.pixels))
+                d.pixels = None  # keep memory bounded: only the infos stay
+            if good:
+                vectors = embed_pixels(embedder, np.stack([p for _, p in good]), pre, batch_size)
+            else:
+                vectors = np.zeros((0, embedder.dim), np.float32)
+            yield chunk, infos, vectors, [j for j, _ in good]
+
+
 def embed_files(embedder, pre, paths: Sequence[Path], *, batch_size: int = 32, workers: int = 1,
                 with_hash: bool = False, on_progress: Callable[[int], None] | None = None):
     """Decode (in ``workers`` threads, bounded memory) and embed many files.
@@ -174,30 +209,16 @@ def embed_files(embedder, pre, paths: Sequence[Path], *, batch_size: int = 32, w
     infos: list[Decoded | None] = [None] * len(paths)
     vectors: list[np.ndarray] = []
     ok: list[int] = []
-    chunk = max(1, batch_size) * 4
-    pool = ThreadPoolExecutor(max_workers=max(1, workers)) if workers > 1 else None
-    try:
-        for start in range(0, len(paths), chunk):
-            idx = list(range(start, min(len(paths), start + chunk)))
-            if pool is not None:
-                decoded = list(pool.map(lambda i: decode_file(Path(paths[i]), pre, with_hash), idx))
-            else:
-                decoded = [decode_file(Path(paths[i]), pre, with_hash) for i in idx]
-            good = []
-            for i, d in zip(idx, decoded):
-                pixels = d.pixels
-                d.pixels = None  # keep memory bounded: only the infos stay
-                infos[i] = d
-                if pixels is not None:
-                    good.append((i, pixels))
-            if good:
-                vectors.append(embed_pixels(embedder, np.stack([p for _, p in good]), pre, batch_size))
-                ok.extend(i for i, _ in good)
-            if on_progress is not None:
-                on_progress(len(idx))
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    size = max(1, batch_size) * 4
+    chunks = [range(s, min(len(paths), s + size)) for s in range(0, len(paths), size)]
+    for chunk, got, vec, good in iter_embedded(embedder, pre, paths, chunks, batch_size=batch_size,
+                                               workers=workers, with_hash=with_hash):
+        for i, d in zip(chunk, got):
+            infos[i] = d
+        vectors.append(vec)
+        ok.extend(chunk[j] for j in good)
+        if on_progress is not None:
+            on_progress(len(chunk))
     out = np.concatenate(vectors, axis=0) if vectors else np.zeros((0, embedder.dim), np.float32)
     return out, infos, ok
 

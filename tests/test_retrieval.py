@@ -596,3 +596,120 @@ def test_index_of_a_catalog_without_usable_photos_changes_nothing(tmp_path, onnx
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and "none of the catalog's 300 photos could be used" in lines[0]
     assert tree_hashes(bundle) == snap
+
+
+# ----------------------------------------------------------------------------- resuming an interrupted build
+
+
+def _index_contents(bundle: Path) -> tuple[list, dict]:
+    """(store rows in key order, {key: f16 vector bytes}) of a bundle's published index."""
+    from retrieval.index import CatalogIndex
+
+    entry = manifest(bundle)["index"]
+    idx = CatalogIndex.open(bundle, entry, view=False)
+    try:
+        rows = [(r.key, r.item_id, r.path, r.is_main, r.file_sha256) for r in idx.store.iter_images()]
+        keys = np.array([r[0] for r in rows], np.uint64)
+        got = idx.vectors.index.get(keys, dtype=np.float16)
+        vecs = np.stack(got) if isinstance(got, tuple) else np.asarray(got)
+        return rows, {int(k): v.tobytes() for k, v in zip(keys, vecs)}
+    finally:
+        idx.close()
+
+
+def test_killed_index_build_resumes_where_it_stopped(tmp_path, onnx_bundle, sample_catalog, capsys):
+    """A real `catalog-search index` process is SIGKILLed once 6 of its 10 segments are saved;
+    the rerun embeds only the rest and publishes the same index as an uninterrupted build."""
+    import signal
+    import time
+
+    opts = ["--catalog", sample_catalog, "--json", "--save-every", "32", "--batch-size", "8"]
+    whole = tmp_path / "whole"
+    shutil.copytree(onnx_bundle, whole)
+    rc, out, err = run_cli(["index", "--bundle", whole, *opts], capsys)
+    assert rc == 0, err
+    ref = json.loads(out)
+    assert ref["resumed"] == 0 and ref["embedded_now"] == 300 and not (whole / "index" / ".work").exists()
+
+    killed = tmp_path / "killed"
+    shutil.copytree(onnx_bundle, killed)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FEDCBIR_INDEX_SEGMENT_PAUSE="0.4")
+    proc = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "index", "--bundle", str(killed),
+                             *[str(o) for o in opts]], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    work = killed / "index" / ".work"
+    deadline = time.monotonic() + 180
+    try:
+        while len(list(work.glob("partial-*/seg-*.npz"))) < 6:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the build did not reach 60 %"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    saved = len(list(work.glob("partial-*/seg-*.npz")))
+    assert 6 <= saved < 10
+    assert "index" not in manifest(killed)  # nothing was published
+
+    rc, out, err = run_cli(["index", "--bundle", killed, *opts], capsys)
+    assert rc == 0, err
+    rep = json.loads(out)
+    assert rep["resumed"] == 32 * saved and rep["embedded_now"] == 300 - 32 * saved
+    assert rep["embedded"] == ref["embedded"] == 300 and rep["images"] == ref["images"]
+    assert not work.exists()  # the work folder goes once the index is published
+    assert not list((killed / "index").glob(".*.tmp"))
+    assert _index_contents(killed) == _index_contents(whole)
+
+
+def test_interrupted_update_resumes_and_other_settings_start_over(tmp_path, onnx_bundle, catalog_copy, capsys,
+                                                                  monkeypatch):
+    """Ctrl-C during `--update` keeps the embedded segments; the rerun reuses them; a run with
+    another batch size cannot, and removes them."""
+    import retrieval.index as ri
+    from catalog.abo import IMAGES_DIR
+
+    base = tmp_path / "base"  # the same starting index for every bundle below: built once, then copied
+    shutil.copytree(onnx_bundle, base)
+    assert run_cli(["index", "--bundle", base, "--catalog", catalog_copy, "--json"], capsys)[0] == 0
+    products = products_of(catalog_copy)
+    donor = (catalog_copy / IMAGES_DIR / products[0].main_image).read_bytes()
+    for rel in [rel for p in products[10:12] for rel in p.images]:  # 10 photos get new content
+        f = catalog_copy / IMAGES_DIR / rel
+        f.write_bytes(donor)
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10_000_000_000))
+
+    opts = ["--catalog", catalog_copy, "--update", "--json", "--save-every", "4"]
+    ref_bundle, cut, other = tmp_path / "ref", tmp_path / "cut", tmp_path / "other"
+    for b in (ref_bundle, cut, other):
+        shutil.copytree(base, b)
+    ref = json.loads(run_cli(["index", "--bundle", ref_bundle, *opts], capsys)[1])
+    assert ref["status"] == "updated" and ref["embedded_now"] == 10 == ref["embedded"]
+
+    calls = []
+
+    def interrupt(g):
+        calls.append(g)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ri, "_segment_saved", interrupt)
+    snap = manifest(cut)
+    rc, out, err = run_cli(["index", "--bundle", cut, *opts], capsys)
+    assert rc == 130 and manifest(cut) == snap
+    assert len(list((cut / "index" / ".work").glob("partial-*/seg-*.npz"))) == 2
+    monkeypatch.undo()
+    rep = json.loads(run_cli(["index", "--bundle", cut, *opts], capsys)[1])
+    assert rep["resumed"] == 8 and rep["embedded_now"] == 2 and rep["embedded"] == 10
+    assert _index_contents(cut) == _index_contents(ref_bundle)
+    assert not (cut / "index" / ".work").exists()
+
+    # another batch size cannot reuse segments: they are removed and everything is embedded
+    monkeypatch.setattr(ri, "_segment_saved", interrupt)
+    calls.clear()
+    assert run_cli(["index", "--bundle", other, *opts], capsys)[0] == 130
+    monkeypatch.undo()
+    rep = json.loads(run_cli(["index", "--bundle", other, *opts, "--batch-size", "16"], capsys)[1])
+    assert rep["resumed"] == 0 and rep["embedded_now"] == 10
+    assert not (other / "index" / ".work").exists()
