@@ -46,7 +46,7 @@ class SimulationRuntime(SuperLinkProcess):
     """Own FLWR_HOME + own SuperLink (simulation mode, in-memory state, a free 127.0.0.1
     port); use as a context manager."""
 
-    def __init__(self, log_dir: Path | None = None, startup_timeout: float = 60.0):
+    def __init__(self, log_dir: Path | None = None, startup_timeout: float = 60.0, ray_address: str | None = None):
         self.local_host = "127.0.0.1"
         self.port = free_port()
         self.cli = FlowerCLI(CONNECTION, f"127.0.0.1:{self.port}", insecure=True)
@@ -55,6 +55,12 @@ class SimulationRuntime(SuperLinkProcess):
         self.log_file = self.home / "superlink.log"
         self.env = flower_env(self.home)
         self.env.setdefault("RAY_DEDUP_LOGS", "0")
+        if ray_address:
+            # Flower 1.42's Ray backend calls ray.init() without an address, and Ray then joins
+            # the cluster named by RAY_ADDRESS; the SuperLink passes its environment on to the
+            # flwr-simulation process that creates the backend (see the README, "Beyond one machine")
+            self.env["RAY_ADDRESS"] = ray_address
+        self.ray_address = self.env.get("RAY_ADDRESS") or None
 
     def command(self) -> list[str]:
         return [tool("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(self.port)]
@@ -81,10 +87,14 @@ class SimulationRuntime(SuperLinkProcess):
 
 
 def simulate(run_config: dict[str, Any], num_nodes: int, *, on_row: Callable[[dict[str, Any]], None] | None = None,
-             poll: float = 1.0) -> dict[str, Any]:
+             poll: float = 1.0, ray_address: str | None = None) -> dict[str, Any]:
     """Run a federation on the simulation runtime; returns summary.json's content.
 
-    ``run_config`` must contain an absolute ``out`` and ``catalog``."""
+    ``run_config`` must contain an absolute ``out`` and ``catalog``. ``ray_address``
+    (``HOST:PORT`` of a running Ray cluster's head, or ``$RAY_ADDRESS``): the virtual clients
+    run on that cluster's nodes instead of a Ray instance started for this run; the catalog
+    path must then exist on every node, and the clients' environment is that of
+    ``ray start`` on each node."""
     from server.runconfig import DEFAULTS, RunConfig
 
     cfg = RunConfig.from_flower(run_config)  # validates early, in this process
@@ -94,7 +104,7 @@ def simulate(run_config: dict[str, Any], num_nodes: int, *, on_row: Callable[[di
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     seen = {int(r["round"]) for r in read_rows(out / "metrics.jsonl")} if cfg.resume else set()
-    with signals_as_exit(), SimulationRuntime() as rt:
+    with signals_as_exit(), SimulationRuntime(ray_address=ray_address) as rt:
         app_dir = rt.home / "app"
         app_dir.mkdir()
         (app_dir / "pyproject.toml").write_text(app_pyproject(DEFAULTS), encoding="utf-8")
@@ -120,6 +130,7 @@ def simulate(run_config: dict[str, Any], num_nodes: int, *, on_row: Callable[[di
     summary["flower_run_id"] = run_id
     summary["flwr_home"] = str(rt.home)  # removed by now; processes started there are gone
     summary["superlink_pid"] = rt.pid
+    summary["ray_address"] = rt.ray_address
     return summary
 
 
@@ -169,6 +180,12 @@ def _precheck(rc: dict[str, Any], clients: int) -> None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedcbir.io import print_json
 
+    ray_address = None
+    if args.ray_address:  # checked before anything starts
+        from fedcbir.flower import parse_address
+
+        host, port = parse_address(args.ray_address, "--ray-address")
+        ray_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     rc = _run_config_from_args(args)
     _precheck(rc, args.clients)
     total = int(rc["num-server-rounds"])
@@ -180,7 +197,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if not args.json:
             print(round_line(row, total), flush=True)
 
-    summary = simulate(rc, args.clients, on_row=on_row)
+    summary = simulate(rc, args.clients, on_row=on_row, ray_address=ray_address)
     rows = read_rows(Path(rc["out"]) / "metrics.jsonl")
     if args.json:
         print_json({
@@ -190,7 +207,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             "final": summary["final"], "initial": summary["initial"], "best": summary["best"],
             "client_status_counts": summary["client_status_counts"], "out": summary["out"],
             "checkpoint": summary["checkpoint"], "wall_seconds": summary["wall_seconds"],
-            "flower_run_id": summary["flower_run_id"],
+            "flower_run_id": summary["flower_run_id"], "ray_address": summary.get("ray_address"),
         })
     else:
         f, i = summary["final"], summary["initial"]
@@ -208,8 +225,11 @@ def register(sub) -> None:
                     "client): clients emulate edge devices (profiles) and train in PyTorch, TensorFlow or "
                     "JAX (round-robin by partition). Writes RUN/metrics.jsonl (one line per round, round 0 = "
                     "before training), RUN/checkpoints/round-XXXX, RUN/summary.json and RUN/flower.log.",
-        epilog="example: fedcbir simulate --sample --clients 4 --frameworks torch,tf,jax "
-               "--profiles rpi4,rpi5,jetson-nano-cpu --rounds 3 --partition dirichlet:0.3 --out runs/fl1",
+        epilog="examples:\n  fedcbir simulate --sample --clients 4 --frameworks torch,tf,jax "
+               "--profiles rpi4,rpi5,jetson-nano-cpu --rounds 3 --partition dirichlet:0.3 --out runs/fl1\n"
+               "  fedcbir simulate --sample --clients 50 --set fraction-train=0.1 --ray-address 10.0.0.5:6379 "
+               "--out runs/fl50",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_catalog_args(p)
     p.add_argument("--clients", type=int, default=4, help="number of simulated devices (default 4)")
@@ -224,6 +244,10 @@ def register(sub) -> None:
     p.add_argument("--fp16-upload", action="store_true", help="clients upload float16 (half the bytes)")
     p.add_argument("--realtime", action="store_true", help="sleep as long as the emulated devices would take")
     p.add_argument("--resume", action="store_true", help="continue the run in --out after its last checkpoint")
+    p.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="run the virtual clients on an existing Ray cluster (its head's GCS address, as printed "
+                        "by 'ray start --head'; default: $RAY_ADDRESS if set, else a Ray instance for this run "
+                        "only); the catalog must be at the same path on every node")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any other run-config key (see pyproject.toml [tool.flwr.app.config]), e.g. "
                         "--set bn-policy=shared --set fraction-evaluate=0")

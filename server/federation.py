@@ -4,7 +4,8 @@ Our own loop over a Flower strategy's ``configure_train`` / ``aggregate_train`` 
 ``configure_evaluate`` / ``aggregate_evaluate`` (instead of ``strategy.start``) so that a
 run can resume at round k+1 from its last checkpoint. Per round:
 
-1. train: every connected node gets the global model (float32); replies are collected
+1. train: the connected nodes (``fraction-train`` of them, sampled with a seed per round;
+   all by default) get the global model (float32); replies are collected
    until all arrived or ``round-timeout`` passed (missing ones are logged as ``dropped``);
    the validating strategy (``server.strategies``) screens them and aggregates;
 2. client evaluation (``fraction-evaluate`` of the nodes): local retrieval metrics on
@@ -280,6 +281,7 @@ class Federation:
         t0 = time.perf_counter()
         self._wait_for_nodes(1)  # Flower's sampling would wait forever with no node at all
         global_record = to_record({n: self.weights[n] for n in self.shared})
+        _seed_sampling(cfg.seed, r, 0)  # Flower samples fraction-train of the nodes with `random`
         msgs = self.strategy.configure_train(r, global_record, self._config(), self.grid)
         replies, sent, missing = exchange(self.grid, msgs, cfg.round_timeout)
         t_train = time.perf_counter()
@@ -296,6 +298,7 @@ class Federation:
 
         client_eval: dict[str, Any] | None = None
         if cfg.fraction_evaluate > 0:
+            _seed_sampling(cfg.seed, r, 1)
             emsgs = self.strategy.configure_evaluate(r, to_record({n: self.weights[n] for n in self.shared}),
                                                      self._config(), self.grid)
             ereplies, esent, _ = exchange(self.grid, emsgs, cfg.round_timeout)
@@ -411,6 +414,17 @@ class Federation:
             "checkpoint": str(latest_checkpoint(self.out)), "resumed_from": self.resumed_from,
             "seconds": seconds, "run_config": self.cfg.to_flower(),
         })
+
+
+def _seed_sampling(seed: int, server_round: int, phase: int) -> None:
+    """Flower's strategies draw the nodes of a round with the module-level ``random``
+    (``flwr.serverapp.strategy.strategy_utils.sample_nodes``): seed it per run, round and
+    phase, so the same run samples the same nodes (given the same connected node ids)."""
+    import random
+
+    from server.runconfig import derive_seed
+
+    random.seed(derive_seed(seed, server_round, phase, 0x5A))
 
 
 def _flower_log(text: str) -> None:

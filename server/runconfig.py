@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "krum-malicious": 0,  # Krum: assumed number of malicious nodes
     "fp16-upload": False,
     "realtime": False,
+    "fraction-train": 1.0,  # share of the connected nodes sampled for training each round (seeded)
     "fraction-evaluate": 1.0,  # share of nodes running local (client-side) evaluation
     "eval-framework": "torch",  # server-side evaluation framework
     "round-timeout": 3600.0,  # seconds a round waits for replies
@@ -107,6 +108,7 @@ class RunConfig:
     krum_malicious: int
     fp16_upload: bool
     realtime: bool
+    fraction_train: float
     fraction_evaluate: float
     eval_framework: str
     round_timeout: float
@@ -170,6 +172,7 @@ class RunConfig:
                 krum_malicious=int(raw["krum-malicious"]),
                 fp16_upload=as_bool("fp16-upload"),
                 realtime=as_bool("realtime"),
+                fraction_train=float(raw["fraction-train"]),
                 fraction_evaluate=float(raw["fraction-evaluate"]),
                 eval_framework=normalize_framework(raw["eval-framework"]),
                 round_timeout=float(raw["round-timeout"]),
@@ -211,6 +214,8 @@ class RunConfig:
             bad("bn-policy must be local or shared")
         if not 0.0 <= self.fraction_evaluate <= 1.0:
             bad("fraction-evaluate must be in [0, 1]")
+        if not 0.0 < self.fraction_train <= 1.0:
+            bad("fraction-train must be in (0, 1]")
         if self.round_timeout <= 0 or self.wait_nodes_timeout < 0:
             bad("round-timeout must be > 0 and wait-nodes-timeout >= 0")
         if self.outlier_factor <= 1 or self.max_update_ratio <= 0:

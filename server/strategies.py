@@ -168,7 +168,7 @@ def make_strategy(cfg: RunConfig):
     """The configured strategy (validated). Node minimums are 1: the round loop decides how
     many nodes to wait for, so Flower's ``sample_nodes`` never blocks."""
     base = BASES[cfg.strategy]
-    kw: dict[str, Any] = dict(fraction_train=1.0, fraction_evaluate=cfg.fraction_evaluate,
+    kw: dict[str, Any] = dict(fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
                               min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
     if base is FedProx:
         kw["proximal_mu"] = cfg.prox_mu
