@@ -10,7 +10,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export TF_CPP_MIN_LOG_LEVEL=3
 export KERAS_BACKEND=tensorflow
 
-.PHONY: install browser test test-fast demo bench clean
+.PHONY: install browser test test-fast demo bench bench-scale clean
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
+
+# optional, long (~1 h on 2 shared cores): 1k and 5k product catalogs through every step
+bench-scale: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all --only scale
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -3,9 +3,11 @@ and write the table of ratios to benchmarks/results.md and into README.md (betwe
 ``<!-- bench:start -->`` / ``<!-- bench:end -->`` markers).
 
 A benchmark that fails is recorded with its exit code and last error line; the others
-still run. Each benchmark measures its ratios side by side in its own run.
+still run. Each benchmark measures its ratios side by side in its own run. Long optional
+benchmarks (``scale``: 1k and 5k product catalogs through every step, ~1 h on 2 shared
+cores) run only when named: ``--only scale`` or ``--with scale`` (= ``make bench-scale``).
 
-    python -m benchmarks.run_all [--only train_step,inference] [--table-only] [--no-readme]
+    python -m benchmarks.run_all [--only train_step,inference] [--with scale] [--table-only] [--no-readme]
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from fedcbir.io import write_json_atomic
 
 HERE = Path(__file__).resolve().parent
 SKIP = {"__init__", "run_all"}
+OPTIONAL = {"scale"}  # long: not part of a plain `make bench`
 
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -70,6 +73,17 @@ def ratio_rows(results: dict[str, Any]) -> list[list[str]]:
                      "fp16 vs fp32 upload", f"bytes up {_f(r.get('bytes_up_fp16_over_fp32'))}x",
                      f"round time {_f(r.get('round_s_fp16_over_fp32'))}x; overhead "
                      f"{_f(r.get('overhead_share_of_train_phase_fp32'), '.0%')} of the training phase", ""])
+    if (t := res("scale")):
+        sizes = "/".join(f"{s['products'] // 1000}k" if s["products"] >= 1000 else str(s["products"])
+                         for s in t.get("sizes", []))
+        for r in t.get("summary", []):
+            if r["step"] not in ("training_data", "train_torch", "index", "update"):
+                continue
+            rows.append([f"scale ({sizes} products, 1 thread)", r["step"],
+                         f"{r.get('ms_per_image_fit', 0):.2f} ms per catalog photo (fit)",
+                         f"peak RSS {r.get('rss_mb_per_100k_images', 0):+.0f} MB per 100k photos; all of ABO "
+                         f"~{r['abo_seconds'] / 3600:.1f} h",
+                         "time linear, RSS flat"])
     if (t := res("catalog_generation")):
         rows.append(["catalog generation (1 core)", f"{t.get('images')} images",
                      f"{t.get('images_per_second_wall')} images/s",
@@ -106,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", help="comma-separated benchmark names (default: all)")
+    p.add_argument("--only", help="comma-separated benchmark names (default: all but the optional ones)")
+    p.add_argument("--with", dest="with_", metavar="NAMES",
+                   help=f"also run these optional benchmarks ({', '.join(sorted(OPTIONAL))})")
     p.add_argument("--table-only", action="store_true", help="rebuild the tables from benchmarks/results.json")
     p.add_argument("--no-readme", action="store_true", help="do not touch README.md")
     args = p.parse_args(argv)
@@ -124,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: unknown benchmark(s) {', '.join(unknown)} (known: {', '.join(names)})", file=sys.stderr)
             return 2
         names = wanted
+    else:
+        extra = [n.strip() for n in (args.with_ or "").split(",") if n.strip()]
+        unknown = [n for n in extra if n not in OPTIONAL]
+        if unknown:
+            print(f"error: --with: unknown optional benchmark(s) {', '.join(unknown)} "
+                  f"(optional: {', '.join(sorted(OPTIONAL))})", file=sys.stderr)
+            return 2
+        names = [n for n in names if n not in OPTIONAL or n in extra]
     for name in ([] if args.table_only else names):
         print(f"== benchmarks.{name}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()

@@ -17,11 +17,16 @@ def test_bench_ratio_table_and_readme_markers(tmp_path):
                                   "ratios": {"bytes_up_fp16_over_fp32": 0.52, "round_s_fp16_over_fp32": 0.97,
                                              "overhead_share_of_train_phase_fp32": 0.24}}},
         "search": {"seconds": 3.0, "error": "MemoryError", "exit_code": 1},
+        "scale": {"result": {"sizes": [{"products": 1000}, {"products": 5000}], "summary": [
+            {"step": "index", "ms_per_image_fit": 2.5, "rss_mb_per_100k_images": 3.0, "abo_seconds": 7200},
+            {"step": "read", "ms_per_image_fit": 0.1, "rss_mb_per_100k_images": 40.0, "abo_seconds": 40}]}},
     }
     table = ratio_table(results)
     assert "| train step (batch 32, 1 core) | jax | 180 ms | 1.38x fastest | <= 2x |" in table
     assert "12.1x eager torch, size 30% of fp32" in table and ">= 3x (best)" in table
     assert "bytes up 0.52x" in table and "| search | FAILED | MemoryError |" in table
+    assert "| scale (1k/5k products, 1 thread) | index | 2.50 ms per catalog photo (fit) | peak RSS +3 MB per 100k " \
+           "photos; all of ABO ~2.0 h | time linear, RSS flat |" in table and "| read |" not in table
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{START}\nold table\n{END}\nrest\n")
     assert update_readme(table, readme)
@@ -30,3 +35,27 @@ def test_bench_ratio_table_and_readme_markers(tmp_path):
     assert table in text
     (tmp_path / "plain.md").write_text("no markers\n")
     assert not update_readme(table, tmp_path / "plain.md")
+
+
+def test_scale_benchmark_summary_fits_lines_and_projects_to_abo():
+    """benchmarks.scale: per step, a least-squares line through the sizes and its value at 398,212 photos."""
+    from benchmarks.scale import ABO_IMAGES, markdown, summarize
+
+    def size(images, seconds, rss):
+        return {"products": images // 6, "views": 6, "images": images,
+                "steps": {"index": {"seconds": seconds, "peak_rss_mb": rss},
+                          "export": {"seconds": 40.0, "peak_rss_mb": 1300.0 - images / 1000},
+                          "eval": {"error": "boom"}}}
+
+    sizes = [size(6000, 14.0, 110.0), size(30000, 62.0, 114.0)]
+    rows = {r["step"]: r for r in summarize(sizes)}
+    assert set(rows) == {"export", "index"}
+    ix = rows["index"]
+    assert ix["ms_per_image_fit"] == 2.0 and ix["seconds_fixed"] == 2.0
+    assert ix["abo_seconds"] == round(2.0 + 0.002 * ABO_IMAGES)
+    assert ix["rss_mb_per_100k_images"] == round(4 / 24000 * 1e5, 1)
+    assert [b["ms_per_image"] for b in ix["by_size"]] == [round(14 / 6, 3), round(62 / 30, 3)]
+    # a flat or slightly falling step is projected at no less than its largest measurement
+    assert rows["export"]["abo_seconds"] == 40 and rows["export"]["abo_peak_rss_mb"] == 1270
+    table = markdown({"sizes": sizes, "summary": summarize(sizes)})
+    assert "| index | 14.0 / 2.33 / 110 | 62.0 / 2.07 / 114 | 2.0 + 2.000 | +17 MB | 13 min, 175 MB |" in table
