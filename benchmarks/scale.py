@@ -134,7 +134,9 @@ def _train(ctx, fw: str) -> dict:
     out = {"seconds": t2 - t0, "first_step_seconds": t1 - t0, "build_seconds": build_s, "steps": steps,
            "images": steps * batches.batch_size, "step_ms": (t2 - t1) / max(1, rest["steps"]) * 1e3,
            "loss": rest["loss"], "threads": 1, "input_size": spec.input_size, "arch": spec.name,
-           "train_from": spec.default_train_from}
+           "train_from": spec.default_train_from,
+           # the frozen-trunk activation cache grows with the distinct photos seen, up to cache-mb
+           "activation_cache_mb": trainer.cache.bytes / 2**20, "activation_cache_cap_mb": cfg.cache_mb}
     if fw == "torch":  # the checkpoint the export step reads
         save_checkpoint(Path(ctx["work"]) / "ckpt", trainer.get_weights(), {
             "arch": spec, "preprocessing": pre.to_dict(), "framework": fw, "epoch": 1, "catalog": str(ctx["root"]),
@@ -290,7 +292,8 @@ def run_size(products: int, views: int, work: Path, args, log) -> dict:
 
         stats = {"images": sum(len(p.images) for p in load_products(root))}
     gen_s = time.perf_counter() - t0
-    shutil.rmtree(work / "cache", ignore_errors=True)  # training data is measured cold
+    if "training_data" in args.steps:
+        shutil.rmtree(work / "cache", ignore_errors=True)  # training data is measured cold
     ctx = {"root": str(root), "work": str(work), "arch": args.arch, "input_size": args.input_size,
            "eval_queries": args.eval_queries, "serve_queries": args.serve_queries}
     steps: dict[str, Any] = {}
@@ -415,8 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     needs = {"train_tf": "train_torch", "train_jax": "train_torch", "export": "train_torch", "index": "export",
              "update": "index", "eval": "index", "serve": "index"}
-    for s in args.steps:
-        if s in needs and needs[s] not in args.steps and s not in ("train_tf", "train_jax"):
+    for s in args.steps:  # with --work, earlier runs may have left what a step needs
+        if not args.work and s in needs and needs[s] not in args.steps and s not in ("train_tf", "train_jax"):
             print(f"error: step {s} needs step {needs[s]}", file=sys.stderr)
             return 2
 

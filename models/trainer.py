@@ -74,6 +74,11 @@ def check_images(x: Any, input_size: int) -> np.ndarray:
 class ActivationCache:
     """Frozen-trunk outputs by key, least recently used first out, at most ``max_bytes``.
 
+    Rows live in one preallocated array (a slab of ``max_bytes // row bytes`` slots, made on
+    the first row; pages are committed only when written), and an evicted row's slot is
+    reused: a dict of small per-row arrays let the allocator's fragmentation roughly double
+    the resident memory of the cached bytes (measured: +37 MB of RSS for 22 MB of rows).
+
     Valid only for one set of frozen weights: ``Trainer.set_weights`` clears it when the
     frozen part changes (it does not during a run)."""
 
@@ -81,13 +86,38 @@ class ActivationCache:
         from collections import OrderedDict
 
         self.max_bytes = int(max_bytes)
-        self.rows: "OrderedDict[int, np.ndarray]" = OrderedDict()
+        self.rows: "OrderedDict[int, int]" = OrderedDict()  # key -> slot, least recently used first
+        self.slab: np.ndarray | None = None
+        self._next = 0  # first never-used slot
         self.bytes = 0
         self.hits = self.misses = 0
 
     def clear(self) -> None:
         self.rows.clear()
+        self.slab = None
+        self._next = 0
         self.bytes = 0
+
+    def row(self, key: int) -> np.ndarray:
+        return self.slab[self.rows[int(key)]]
+
+    def _put(self, key: int, row: np.ndarray) -> None:
+        if key in self.rows:
+            return
+        if self.slab is None or self.slab.shape[1:] != row.shape or self.slab.dtype != row.dtype:
+            capacity = self.max_bytes // max(1, row.nbytes)
+            if capacity < 1:
+                return
+            self.clear()
+            self.slab = np.empty((capacity, *row.shape), row.dtype)
+        if self._next < len(self.slab):
+            slot = self._next
+            self._next += 1
+        else:
+            _, slot = self.rows.popitem(last=False)
+        self.slab[slot] = row
+        self.rows[key] = slot
+        self.bytes = len(self.rows) * row.nbytes
 
     def save(self, path) -> None:
         """Write every row to ``path`` (.npz, atomically): a device keeps its frozen
@@ -97,9 +127,10 @@ class ActivationCache:
         if not self.rows:
             return
         keys = np.fromiter(self.rows.keys(), np.int64, len(self.rows))
+        slots = np.fromiter(self.rows.values(), np.int64, len(self.rows))
         with atomic_path(path, suffix=".npz") as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, keys=keys, rows=np.stack(list(self.rows.values())))
+                np.savez(f, keys=keys, rows=self.slab[slots])
 
     def load(self, path) -> int:
         """Rows from a file written by :meth:`save` (a damaged file is ignored); returns how many."""
@@ -111,9 +142,7 @@ class ActivationCache:
         for k, row in zip(keys.tolist(), rows):
             if self.bytes + row.nbytes > self.max_bytes:
                 break
-            if k not in self.rows:
-                self.rows[k] = np.ascontiguousarray(row)
-                self.bytes += row.nbytes
+            self._put(int(k), row)
         return len(self.rows)
 
     def lookup(self, keys: np.ndarray, compute) -> np.ndarray:
@@ -123,24 +152,21 @@ class ActivationCache:
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         fresh = compute(np.asarray(missing, np.int64)) if missing else None
+        from_fresh = {i: j for j, i in enumerate(missing)}
         out = None
-        for j, i in enumerate(missing):
-            row = np.ascontiguousarray(fresh[j])
-            if self.max_bytes > 0:
-                self.rows[keys[i]] = row
-                self.bytes += row.nbytes
         for i, k in enumerate(keys):
-            row = self.rows.get(k)
-            if row is None:
-                row = fresh[missing.index(i)]
+            j = from_fresh.get(i)
+            if j is not None:
+                row = fresh[j]
             else:
+                row = self.slab[self.rows[k]]
                 self.rows.move_to_end(k)
             if out is None:
                 out = np.empty((len(keys), *row.shape), row.dtype)
             out[i] = row
-        while self.bytes > self.max_bytes and self.rows:
-            _, old = self.rows.popitem(last=False)
-            self.bytes -= old.nbytes
+        if self.max_bytes > 0:  # after ``out`` is complete: an eviction may reuse a slot read above
+            for j, i in enumerate(missing):
+                self._put(keys[i], fresh[j])
         return out
 
 

@@ -175,3 +175,41 @@ def test_catalog_projection_keeps_pretrained_search(tiny_catalog):
     r = ev.evaluate(t.embed)
     assert 0.0 <= r["recall@1"] <= 1.0 and r["recall@10"] > 0.5
     json.dumps(r)
+
+
+def test_activation_cache_is_a_bounded_lru_slab(tmp_path):
+    """Rows live in one preallocated slab; the least recently used row leaves first and its
+    slot is reused; lookups return exactly what was computed; save/load round-trips."""
+    from models.trainer import ActivationCache
+
+    row = 3 * 4 * 4  # float32 [3, 4] = 48 bytes
+    cache = ActivationCache(3 * row)
+    calls = []
+
+    def compute_for(keys):
+        def compute(idx):
+            calls.append([keys[i] for i in idx.tolist()])
+            return np.stack([np.full((3, 4), keys[i], np.float32) for i in idx.tolist()])
+        return compute
+
+    def get(keys):
+        out = cache.lookup(np.array(keys), compute_for(keys))
+        assert np.array_equal(out[:, 0, 0], np.array(keys, np.float32))
+        return out
+
+    get([1, 2, 3])
+    assert calls == [[1, 2, 3]] and cache.bytes == 3 * row and cache.slab.shape == (3, 3, 4)
+    get([2, 1])  # hits; 3 is now the least recently used
+    assert calls == [[1, 2, 3]] and (cache.hits, cache.misses) == (2, 3)
+    get([4, 1])  # 4 evicts 3 and takes its slot
+    assert calls[-1] == [4] and list(cache.rows) == [2, 1, 4] and cache.bytes == 3 * row
+    get([3, 5, 6, 7])  # more new keys than slots: all computed, the newest three kept
+    assert calls[-1] == [3, 5, 6, 7] and list(cache.rows) == [5, 6, 7]
+    assert all(np.all(cache.row(k) == k) for k in cache.rows)
+    cache.save(tmp_path / "c.npz")
+    other = ActivationCache(2 * row)
+    assert other.load(tmp_path / "c.npz") == 2 and list(other.rows) == [5, 6]
+    assert np.all(other.row(6) == 6)
+    none = ActivationCache(row - 1)  # smaller than one row: nothing is kept
+    none.lookup(np.array([1]), compute_for([1]))
+    assert len(none.rows) == 0 and none.bytes == 0
