@@ -74,6 +74,8 @@ def ratio_rows(results: dict[str, Any]) -> list[list[str]]:
                      f"round time {_f(r.get('round_s_fp16_over_fp32'))}x; overhead "
                      f"{_f(r.get('overhead_share_of_train_phase_fp32'), '.0%')} of the training phase", ""])
     if (t := res("scale")):
+        from benchmarks.scale import _duration
+
         sizes = "/".join(f"{s['products'] // 1000}k" if s["products"] >= 1000 else str(s["products"])
                          for s in t.get("sizes", []))
         for r in t.get("summary", []):
@@ -82,7 +84,7 @@ def ratio_rows(results: dict[str, Any]) -> list[list[str]]:
             rows.append([f"scale ({sizes} products, 1 thread)", r["step"],
                          f"{r.get('ms_per_image_fit', 0):.2f} ms per catalog photo (fit)",
                          f"peak RSS {r.get('rss_mb_per_100k_images', 0):+.0f} MB per 100k photos; all of ABO "
-                         f"~{r['abo_seconds'] / 3600:.1f} h",
+                         f"~{_duration(r['abo_seconds'])}",
                          "time linear, RSS flat"])
     if (t := res("catalog_generation")):
         rows.append(["catalog generation (1 core)", f"{t.get('images')} images",

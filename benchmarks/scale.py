@@ -328,7 +328,12 @@ def summarize(sizes: list[dict]) -> list[dict]:
             continue
         xs = [float(i) for i, _ in pts]
         t_fit = _fit(xs, [float(r["seconds"]) for _, r in pts])
-        m_fit = _fit(xs, [float(r["peak_rss_mb"]) for _, r in pts])
+        # training: the frozen-trunk activation cache grows with the photos seen up to its cap
+        # (cache-mb); the line is fitted to the rest, and the projection adds the whole cap
+        cache = all("activation_cache_mb" in r for _, r in pts)
+        cap = max(float(r.get("activation_cache_cap_mb", 0)) for _, r in pts) if cache else 0.0
+        m_fit = _fit(xs, [float(r["peak_rss_mb"]) - (float(r["activation_cache_mb"]) if cache else 0.0)
+                          for _, r in pts])
         row = {"step": name,
                "by_size": [{"images": i, "seconds": round(r["seconds"], 2),
                             "ms_per_image": round(r["seconds"] / i * 1e3, 3), "peak_rss_mb": round(r["peak_rss_mb"])}
@@ -344,7 +349,10 @@ def summarize(sizes: list[dict]) -> list[dict]:
             row["abo_seconds"] = round(r["seconds"] / i * ABO_IMAGES, 0)
         if m_fit:
             row["rss_fixed_mb"], row["rss_mb_per_100k_images"] = round(m_fit[0]), round(m_fit[1] * 1e5, 1)
-            row["abo_peak_rss_mb"] = round(max(m_fit[0] + m_fit[1] * ABO_IMAGES, largest["peak_rss_mb"]))
+            row["abo_peak_rss_mb"] = round(max(m_fit[0] + m_fit[1] * ABO_IMAGES + cap, largest["peak_rss_mb"]))
+        if cache:
+            row["activation_cache_mb"] = [round(float(r["activation_cache_mb"])) for _, r in pts]
+            row["activation_cache_cap_mb"] = round(cap)
         rows.append(row)
     return rows
 
@@ -364,7 +372,11 @@ def markdown(result: dict) -> str:
             b = by.get(s["images"])
             cells.append(f"{b['seconds']:.1f} / {b['ms_per_image']:.2f} / {b['peak_rss_mb']}" if b else "failed")
         cells.append(f"{r['seconds_fixed']:.1f} + {r['ms_per_image_fit']:.3f}" if "ms_per_image_fit" in r else "")
-        cells.append(f"{r['rss_mb_per_100k_images']:+.0f} MB" if "rss_mb_per_100k_images" in r else "")
+        growth = f"{r['rss_mb_per_100k_images']:+.0f} MB" if "rss_mb_per_100k_images" in r else ""
+        if "activation_cache_cap_mb" in r:
+            growth += (f" + cache ({' / '.join(str(c) for c in r['activation_cache_mb'])} MB, "
+                       f"cap {r['activation_cache_cap_mb']})")
+        cells.append(growth)
         proj = _duration(r["abo_seconds"])
         if "abo_peak_rss_mb" in r:
             proj += f", {r['abo_peak_rss_mb']:,} MB"

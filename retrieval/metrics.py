@@ -26,11 +26,11 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 
 
 def rank_gallery(queries: np.ndarray, gallery: np.ndarray, top: int, *,
-                 block_elements: int = 1 << 22) -> np.ndarray:
+                 block_elements: int = 1 << 20) -> np.ndarray:
     """Indices of the ``top`` most cosine-similar gallery rows for each query (ties: lower index).
 
-    Queries are ranked in blocks of about ``block_elements`` similarities (16 MB of float32,
-    64 MB with the sort's work arrays), so memory does not grow with queries x gallery."""
+    Queries are ranked in blocks of about ``block_elements`` similarities (4 MB of float32,
+    16 MB with the sort's work arrays), so memory does not grow with queries x gallery."""
     q = l2_normalize(queries)
     g = l2_normalize(gallery)
     top = min(top, g.shape[0])

@@ -59,3 +59,14 @@ def test_scale_benchmark_summary_fits_lines_and_projects_to_abo():
     assert rows["export"]["abo_seconds"] == 40 and rows["export"]["abo_peak_rss_mb"] == 1270
     table = markdown({"sizes": sizes, "summary": summarize(sizes)})
     assert "| index | 14.0 / 2.33 / 110 | 62.0 / 2.07 / 114 | 2.0 + 2.000 | +17 MB | 13 min, 175 MB |" in table
+
+
+def test_scale_training_rss_projection_adds_the_activation_cache_cap():
+    from benchmarks.scale import summarize
+
+    sizes = [{"products": n // 6, "images": n, "steps": {"train_torch": {
+        "seconds": n / 100, "peak_rss_mb": 500.0 + cache, "activation_cache_mb": cache,
+        "activation_cache_cap_mb": 256}}} for n, cache in ((6000, 22.0), (30000, 110.0))]
+    row = summarize(sizes)[0]
+    assert row["rss_mb_per_100k_images"] == 0.0 and row["abo_peak_rss_mb"] == 756
+    assert row["activation_cache_mb"] == [22, 110] and row["activation_cache_cap_mb"] == 256
