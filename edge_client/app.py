@@ -42,7 +42,8 @@ STATE_BN_META = "fedbn-meta"
 TRAIN_METRIC_KEYS = ("num-examples", "loss", "steps", "host-seconds", "cpu-seconds", "process-seconds",
                      "compute-seconds",
                      "transfer-seconds", "simulated-seconds", "bytes-down", "bytes-up", "peak-rss-mb",
-                     "partition-id", "framework-code", "server-round", "cache-hits", "cache-misses")
+                     "partition-id", "framework-code", "server-round", "cache-hits", "cache-misses",
+                     "build-seconds", "first-step-seconds", "steady-step-seconds")
 EVAL_METRIC_KEYS = ("num-examples", "recall@1", "recall@5", "recall@10", "map@r", "type_precision@1",
                     "gallery", "host-seconds", "process-seconds", "peak-rss-mb", "partition-id",
                     "framework-code")
@@ -197,6 +198,11 @@ def _train(msg: Message, context: Context) -> Message:
         "peak-rss-mb": float(wm["peak_rss_mb"]), "partition-id": node.partition,
         "framework-code": FRAMEWORK_CODES[node.framework], "server-round": server_round,
         "cache-hits": int(wm.get("cache_hits", 0)), "cache-misses": int(wm.get("cache_misses", 0)),
+        # where a device's time goes: framework import + model build, the first (tracing /
+        # compiling) step, a steady step
+        "build-seconds": float(wm.get("build_seconds", 0.0)),
+        "first-step-seconds": float(wm.get("first_step_seconds", 0.0)),
+        "steady-step-seconds": float(wm.get("steady_step_seconds", 0.0)),
     }
     assert set(metrics) == set(TRAIN_METRIC_KEYS)
     content = RecordDict({

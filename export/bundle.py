@@ -219,7 +219,12 @@ def export_bundle(checkpoint: str | os.PathLike, out: str | os.PathLike,
 
     es = export_spec(spec)
     pre_d = meta.get("preprocessing") or {}
-    pre = Preprocess.from_dict(pre_d) if pre_d else Preprocess(size=spec.input_size)
+    if pre_d:
+        pre = Preprocess.from_dict(pre_d)
+    else:
+        from models.spec import preprocess_kwargs
+
+        pre = Preprocess(**preprocess_kwargs(spec))
     if pre.size != spec.input_size:
         raise FedcbirError(f"checkpoint preprocessing size {pre.size} differs from the model input "
                            f"size {spec.input_size}")

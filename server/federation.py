@@ -42,7 +42,8 @@ CLIENT_KEYS = {  # metrics.jsonl client field <- reply metric
     "process_seconds": "process-seconds",
     "compute_seconds": "compute-seconds", "transfer_seconds": "transfer-seconds", "bytes_up": "bytes-up",
     "bytes_down": "bytes-down", "peak_rss_mb": "peak-rss-mb", "num_examples": "num-examples", "loss": "loss",
-    "cache_hits": "cache-hits", "cache_misses": "cache-misses",
+    "cache_hits": "cache-hits", "cache_misses": "cache-misses", "build_seconds": "build-seconds",
+    "first_step_seconds": "first-step-seconds", "steady_step_seconds": "steady-step-seconds",
 }
 
 
