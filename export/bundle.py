@@ -328,7 +328,7 @@ def _int8_goals() -> dict:
             "rule": "verify: pass when the one-sided lower confidence bound of Recall@1(int8) - "
                     "Recall@1(fp32) (paired queries) is >= -max_recall@1_drop; fail when the upper "
                     "bound is below it, or a check fails; otherwise 'not enough queries to judge'",
-            "kernel_min_cosine": KERNEL_MIN_COS, "min_cosine_vs_fp32": INT8_MIN_COS}
+            "kernel_min_cosine": KERNEL_MIN_COS, "mean_cosine_vs_fp32": INT8_MIN_COS}
 
 
 def _runtime_note(fmt: str) -> str:

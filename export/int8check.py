@@ -12,9 +12,18 @@ on a VNNI or ARM64 CPU.  The check runs the file twice on the same images:
                optimizations off: DequantizeLinear -> float op -> QuantizeLinear, the file's
                exact quantized function; LiteRT's built-in reference ops)
 
-and requires min cosine(fast, reference) >= ``KERNEL_MIN_COS``.  ExecuTorch has no
-reference kernels: its int8 files get only the floor against the fp32 reference
-(``INT8_MIN_COS``) and verify's recall rule.  The same bounds hold on every CPU class for
+on up to ``KERNEL_CHECK_IMAGES`` images and requires (1) min cosine(fast, reference) >=
+``KERNEL_MIN_COS`` and (2) that the fast kernels add at most ``KERNEL_MAX_ADDED`` of the
+file's own quantization error: mean(1 - cos(fast, reference)) <= 0.25 x mean(1 - cos(reference,
+fp32)) — a correct kernel differs from the reference by rounding only (measured 0.03-0.06 of
+the quantization error), a saturating one by more than the quantization itself (1.3-5).
+(2) is for ONNX Runtime only, whose reference path is the file's exact quantized arithmetic:
+LiteRT's XNNPACK and reference kernels round differently by design (measured: 0.9 of the
+small quantization error of the 40-epoch MobileNetV3 int8 .tflite), so there only (1) holds.
+Every int8 file also has
+to keep its mean cosine to the fp32 reference >= ``INT8_MIN_COS`` (a floor for gross
+breakage; ExecuTorch has no reference kernels, so its int8 files get only this floor and
+verify's recall rule).  The same bounds hold on every CPU class for
 a correct file (they measure kernel faults, not quantization noise), so a check that fails
 means "this file gives wrong results on this CPU" — the CPU is recorded with the result.
 
@@ -32,9 +41,13 @@ import numpy as np
 # (AMD EPYC, AVX2 only): 7-bit-weight U8S8 QDQ 0.9989 (trained model, 600 photos); the
 # 8-bit U8S8 file 0.967 there and 0.26 on the test model
 KERNEL_MIN_COS = 0.99
-# floor for min cosine(int8 file, fp32 reference): catches a broken file even when too few
-# queries are at hand for the recall rule; quantization noise stays far above it
-INT8_MIN_COS = 0.8
+KERNEL_MAX_ADDED = {"onnx": 0.25, "litert": None}  # mean(1 - cos(fast, ref)) / mean(1 - cos(ref, fp32))
+KERNEL_CHECK_IMAGES = 64  # LiteRT's reference kernels take ~0.26 s per 160 px image
+# floor for the MEAN cosine(int8 file, fp32 reference): catches garbage output even when too
+# few queries are at hand for the recall rule (the recall rule and the kernel check do the
+# rest).  Mean, not min, and low: int8 files of the EfficientNet-Lite0 encoder reach min
+# 0.63 / mean 0.95 (ONNX, 7-bit weights) and min 0.36 / mean 0.86 (.pte) on sample photos
+INT8_MIN_COS = 0.5
 X86_FLAGS = ("sse4_1", "avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
 ARM_FLAGS = ("asimd", "asimddp", "i8mm", "sve", "sve2")
 _ARM_PARTS = {"0xd03": "Cortex-A53", "0xd04": "Cortex-A35", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57",
@@ -116,16 +129,23 @@ def has_reference_kernels(runtime: str) -> bool:
     return runtime in ("onnx", "litert")
 
 
-def kernel_check(fast: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
+def kernel_check(fast: np.ndarray, reference: np.ndarray, fp32: np.ndarray,
+                 max_added: float | None = 0.25) -> dict[str, Any]:
+    """``fast`` / ``reference``: the file through the fast / reference kernels; ``fp32``: the
+    fp32 reference's embeddings of the same images; ``max_added``: bound on the added error
+    (None: not applied)."""
     c = cosines(fast, reference)
+    noise = float(np.mean(1.0 - cosines(reference, fp32)))
+    ratio = max(0.0, float(np.mean(1.0 - c))) / max(noise, 1e-12)
+    ok = c.min() >= KERNEL_MIN_COS and (max_added is None or ratio <= max_added)
     return {"images": int(len(c)), "min_cosine": float(c.min()), "mean_cosine": float(c.mean()),
-            "bound": KERNEL_MIN_COS, "ok": bool(c.min() >= KERNEL_MIN_COS)}
+            "bound": KERNEL_MIN_COS, "added_error": ratio, "max_added_error": max_added, "ok": bool(ok)}
 
 
 def floor_check(emb: np.ndarray, fp32: np.ndarray) -> dict[str, Any]:
     c = cosines(emb, fp32)
     return {"images": int(len(c)), "min_cosine": float(c.min()), "mean_cosine": float(c.mean()),
-            "bound": INT8_MIN_COS, "ok": bool(c.min() >= INT8_MIN_COS)}
+            "bound": INT8_MIN_COS, "ok": bool(c.mean() >= INT8_MIN_COS)}
 
 
 def check_int8_file(bundle, name: str, x: np.ndarray, fast: np.ndarray, fp32: np.ndarray,
@@ -141,7 +161,8 @@ def check_int8_file(bundle, name: str, x: np.ndarray, fast: np.ndarray, fp32: np
     if has_reference_kernels(runtime):
         ref = load_embedder(bundle, file=name, threads=threads, reference_kernels=True)
         out["runtime"] = f"{info['runtime']['package']} {ref.runtime_version}"
-        out["kernels"] = kernel_check(fast, ref.embed(x)) | {
+        k = KERNEL_CHECK_IMAGES
+        out["kernels"] = kernel_check(fast[:k], ref.embed(x[:k]), fp32[:k], KERNEL_MAX_ADDED[runtime]) | {
             "reference": {"onnx": "ONNX Runtime, graph optimizations off (DequantizeLinear -> float op -> "
                                   "QuantizeLinear: the file's exact quantized function)",
                           "litert": "LiteRT built-in reference kernels (no XNNPACK)"}[runtime]}
@@ -160,11 +181,12 @@ def check_reason(check: dict) -> str:
     parts = []
     k = check.get("kernels")
     if k and not k["ok"]:
-        parts.append(f"its fast kernels differ from its reference kernels (min cos {k['min_cosine']:.4f} < "
-                     f"{k['bound']})")
+        bound = (f", <= {k['max_added_error']}" if k["max_added_error"] is not None else ", no bound")
+        parts.append(f"its fast kernels differ from its reference kernels (min cos {k['min_cosine']:.4f}, "
+                     f">= {k['bound']}; they add {k['added_error']:.2f} of its quantization error{bound})")
     f = check.get("vs_fp32")
     if f and not f["ok"]:
-        parts.append(f"min cos {f['min_cosine']:.4f} against fp32 (< {f['bound']})")
+        parts.append(f"mean cos {f['mean_cosine']:.4f} against fp32 (< {f['bound']})")
     if not parts:
         return ""
     sat = " (ONNX Runtime's U8S8 kernels saturate on this CPU)" if check.get("u8s8_saturates_here") else ""

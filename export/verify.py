@@ -46,7 +46,7 @@ from fedcbir.errors import FedcbirError
 
 INT8_QUERIES = 2000  # query photos for the int8 rule (test products first, then training products)
 UNDECIDED = "not enough queries"
-_KERNEL_IMAGES = 512  # at most this many images for the fast-vs-reference kernel check
+_CHECK_IMAGES = 256  # images of the int8 check (fp32 floor; its kernel part uses the first 64)
 
 
 def _z(confidence: float) -> float:
@@ -264,7 +264,7 @@ def verify_bundle(path, catalog=None, seed: int | None = None, test_fraction: fl
             f"({n_test} test, {len(chosen) - n_test} training products)")
     from catalog.images import normalize
 
-    xk = normalize(ev8.table.images[:_KERNEL_IMAGES], ev8.table.pre) if ev8 is not None else None
+    xk = normalize(ev8.table.images[:_CHECK_IMAGES], ev8.table.pre) if ev8 is not None else None
 
     refs: dict[str, dict] = {}
     entries = []

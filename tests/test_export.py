@@ -612,3 +612,23 @@ def test_reference_kernels_option(bundle):
         assert np.abs(ref.embed(x) - fast.embed(x)).max() <= 1e-4  # fp32: same function either way
     with pytest.raises(FedcbirError, match="no reference kernels"):
         rt.load_embedder(bundle, runtime="pte", precision="int8", reference_kernels=True)
+
+
+def test_kernel_check_rule():
+    """Fast vs reference kernels: rounding-level differences pass; differences as large as
+    the file's own quantization error fail (ONNX bound), whatever the min cosine."""
+    from export.int8check import KERNEL_MAX_ADDED, kernel_check
+
+    rng = np.random.default_rng(0)
+    fp32 = rng.normal(size=(64, 32))
+    ref = fp32 + 0.05 * rng.normal(size=fp32.shape)  # the file's quantization error
+    fine = ref + 0.01 * rng.normal(size=fp32.shape)  # rounding: (0.01 / 0.05)^2 = 4 % of it
+    bad = ref + 0.05 * rng.normal(size=fp32.shape)  # as much again
+    k = kernel_check(fine, ref, fp32, KERNEL_MAX_ADDED["onnx"])
+    assert k["ok"] and k["added_error"] < 0.1 and k["min_cosine"] > 0.99
+    k = kernel_check(bad, ref, fp32, KERNEL_MAX_ADDED["onnx"])
+    assert not k["ok"] and 0.5 < k["added_error"] < 2 and k["min_cosine"] > 0.99
+    assert kernel_check(bad, ref, fp32, None)["ok"]  # LiteRT: the min-cosine bound only
+    broken = ref.copy()
+    broken[3] = -broken[3]
+    assert not kernel_check(broken, ref, fp32, None)["ok"]
