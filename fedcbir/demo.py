@@ -53,6 +53,7 @@ class DemoSettings:
     formats: tuple[str, ...] = ("tflite", "onnx", "pte")
     quantize: tuple[str, ...] = ("int8",)
     index_runtime: str = "litert"
+    index_precision: str = "int8"  # the device's model: the int8 TFLite file
     index_dtype: str = "f16"
     overrides: dict[str, Any] = field(default_factory=dict)  # other run-config keys (--set)
 
@@ -199,13 +200,16 @@ def index(settings: DemoSettings, bundle: Path, catalog: Path, say,
 
     info = describe_bundle(bundle)
     entry = info.get("index") or {}
-    if entry and (entry.get("model") or {}).get("runtime") == settings.index_runtime \
-            and entry.get("dtype") == settings.index_dtype:
+    model = entry.get("model") or {}
+    if entry and model.get("runtime") == settings.index_runtime and entry.get("dtype") == settings.index_dtype \
+            and model.get("precision") == settings.index_precision:
         say(f"an index of {entry.get('count')} photos exists: applying catalog changes only (--update)")
         reused()
-        return build_catalog_index(bundle, catalog, runtime=settings.index_runtime, dtype=settings.index_dtype,
+        return build_catalog_index(bundle, catalog, runtime=settings.index_runtime, precision=settings.index_precision,
+                                   dtype=settings.index_dtype,
                                    update=True, progress=True)
-    return build_catalog_index(bundle, catalog, runtime=settings.index_runtime, dtype=settings.index_dtype,
+    return build_catalog_index(bundle, catalog, runtime=settings.index_runtime, precision=settings.index_precision,
+                                   dtype=settings.index_dtype,
                                progress=True)
 
 
@@ -215,7 +219,7 @@ def search(settings: DemoSettings, bundle: Path, catalog: Path, say) -> dict[str
     from catalog.dataset import CatalogSplit
     from retrieval.search import Searcher, evaluate
 
-    with Searcher(bundle, runtime=settings.index_runtime) as s:
+    with Searcher(bundle, runtime=settings.index_runtime, precision=settings.index_precision) as s:
         ev = evaluate(s, catalog, seed=settings.seed, progress=True)
         split = CatalogSplit.load(catalog, seed=settings.seed, test_fraction=0.2)
         picks = [p for p in split.test if p.other_images]
