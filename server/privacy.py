@@ -201,6 +201,44 @@ def describe(cfg) -> dict[str, Any]:
                       "metrics in metrics.jsonl"}
 
 
+def precheck(run_config: dict[str, Any], population: int, what: str) -> None:
+    """Before starting anything (``fedcbir simulate`` / ``server``): refuse a run whose
+    planned rounds would exceed ``target-epsilon`` with ``population`` devices (``what``
+    says where that number comes from); a resumed run counts the rounds already in its
+    ``metrics.jsonl``."""
+    import json
+    from pathlib import Path
+
+    from server.runconfig import RunConfig
+
+    cfg = RunConfig.from_flower(run_config)
+    if cfg.dp == "off" or cfg.target_epsilon <= 0:
+        return
+    rows: list[dict[str, Any]] = []
+    mfile = Path(cfg.out) / "metrics.jsonl" if cfg.out else None
+    if cfg.resume and mfile is not None and mfile.is_file():
+        for line in mfile.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    done = max((int(r.get("round", 0)) for r in rows), default=0)
+    PrivacyLedger.from_rows(cfg, rows).check_plan(cfg.num_server_rounds - done, population, what)
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """The privacy part of a command's last line ("" without DP)."""
+    p = summary.get("privacy")
+    if not p:
+        return ""
+    eps = "inf (no noise)" if p.get("epsilon") is None else f"{p['epsilon']:.3g}"
+    text = (f"; device-level DP ({p['mode']}): epsilon {eps} at delta {p['delta']:g} after "
+            f"{p['rounds_accounted']} round(s) ({p['accountant'].split(' ')[0]})")
+    if summary.get("stopped"):
+        text += f"; privacy budget: {summary['stopped']}"
+    return text
+
+
 # ----------------------------------------------------------------------------- strategies
 
 
@@ -389,5 +427,5 @@ def dp_clipping_mod(msg: Message, context, call_next) -> Message:
         return reply
 
 
-__all__ = ["PrivacyLedger", "describe", "dp_clipping_mod", "epsilon", "make_dp_strategy",
-           "rounds_within", "sampling_rate"]
+__all__ = ["PrivacyLedger", "describe", "dp_clipping_mod", "epsilon", "make_dp_strategy", "precheck",
+           "rounds_within", "sampling_rate", "summary_line"]
