@@ -91,35 +91,53 @@ ACCOUNTANT_NAMES = {"rdp": "RDP (dp_accounting.rdp.RdpAccountant)",
 # ----------------------------------------------------------------------------- accounting
 
 
-def epsilon(rounds: Sequence[tuple[float, float]], delta: float, accountant: str = "rdp") -> float:
-    """epsilon at ``delta`` after the rounds ``[(q, z), ...]``: each a Gaussian mechanism with
-    noise multiplier ``z`` on a Poisson sample of rate ``q`` (add/remove one device).
-    ``inf`` when some round had no noise; 0.0 before any round."""
+def accountant(rounds: Sequence[tuple[float, float]], kind: str = "rdp", orders: Sequence[float] | None = None):
+    """A dp-accounting accountant (``RdpAccountant`` or ``PLDAccountant``, add/remove-one
+    relation) that has composed the rounds ``[(q, z), ...]``: each a Gaussian mechanism with
+    noise multiplier ``z > 0`` on a Poisson sample of rate ``q``."""
     from dp_accounting import dp_event
     from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
     from dp_accounting.privacy_accountant import NeighboringRelation
     from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
-    counts = Counter((float(q), float(z)) for q, z in rounds if float(q) > 0)
-    if not counts:
-        return 0.0
-    if any(z <= 0 for _, z in counts):
-        return math.inf
-    if accountant == "rdp":
-        acc = RdpAccountant(neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
-    elif accountant == "pld":
+    if kind == "rdp":
+        acc = RdpAccountant(orders=None if orders is None else list(orders),
+                            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
+    elif kind == "pld":
         acc = PLDAccountant(neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
     else:
-        raise FedcbirError(f"unknown accountant {accountant!r}: rdp or pld")
-    for (q, z), n in sorted(counts.items()):
-        acc.compose(dp_event.PoissonSampledDpEvent(min(q, 1.0), dp_event.GaussianDpEvent(z)), n)
-    absl = logging.getLogger("absl")  # RDP warns for every order it must skip at small z
-    level = absl.level
-    absl.setLevel(logging.ERROR)
-    try:
+        raise FedcbirError(f"unknown accountant {kind!r}: rdp or pld")
+    counts = Counter((float(q), float(z)) for q, z in rounds if float(q) > 0)
+    with _quiet_absl():
+        for (q, z), n in sorted(counts.items()):
+            acc.compose(dp_event.PoissonSampledDpEvent(min(q, 1.0), dp_event.GaussianDpEvent(z)), n)
+    return acc
+
+
+def epsilon(rounds: Sequence[tuple[float, float]], delta: float, kind: str = "rdp") -> float:
+    """epsilon at ``delta`` after the rounds ``[(q, z), ...]`` (see :func:`accountant`);
+    ``inf`` when some round had no noise; 0.0 before any round."""
+    rounds = [(float(q), float(z)) for q, z in rounds if float(q) > 0]
+    if not rounds:
+        return 0.0
+    if any(z <= 0 for _, z in rounds):
+        return math.inf
+    acc = accountant(rounds, kind)
+    with _quiet_absl():
         return float(acc.get_epsilon(delta))
-    finally:
-        absl.setLevel(level)
+
+
+class _quiet_absl:
+    """RDP logs a warning for every order it must skip at small z (absl logging)."""
+
+    def __enter__(self):
+        self.logger = logging.getLogger("absl")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+        return False
 
 
 def rounds_within(target: float, q: float, z: float, delta: float, accountant: str = "rdp",
@@ -427,5 +445,5 @@ def dp_clipping_mod(msg: Message, context, call_next) -> Message:
         return reply
 
 
-__all__ = ["PrivacyLedger", "describe", "dp_clipping_mod", "epsilon", "make_dp_strategy", "precheck",
+__all__ = ["PrivacyLedger", "accountant", "describe", "dp_clipping_mod", "epsilon", "make_dp_strategy", "precheck",
            "rounds_within", "sampling_rate", "summary_line"]
