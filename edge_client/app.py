@@ -240,8 +240,8 @@ def _evaluate(msg: Message, context: Context) -> Message:
     recalibrate = False
     if node.cfg.bn_policy == "local" and not _local_bn(node, context, server_round + 1):
         recalibrate = True  # never trained here: BN statistics from the local images
-    if node.cfg.dp != "off" and node.cfg.bn_policy == "shared":
-        recalibrate = True  # under DP the server sends no BN statistics: the local images give them
+    if node.cfg.dp != "off" and node.cfg.bn_policy == "shared" and not node.spec.pretrained:
+        recalibrate = True  # under DP no BN statistics travel; a pretrained encoder keeps its own
     # this round's own FedBN tensors count
     weights = _full_weights(node, context, config, received, server_round + 1)
     m = node.evaluate(weights, recalibrate)

@@ -35,8 +35,8 @@ class ServerEvaluator:
 
     def recalibrated_bn_stats(self, weights: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         """BN running statistics ``names`` of ``weights`` re-estimated on the gallery images
-        (the catalog's main photos: public data). Under DP they never travel, so the
-        global model gets them here (``server.federation``)."""
+        (the catalog's main photos: public data). Under DP they never travel, so a model
+        trained from scratch gets them here (``server.federation``)."""
         self.trainer.set_weights(weights)
         self.trainer.recalibrate_bn(self._gallery_batches())
         w = self.trainer.get_weights()
