@@ -2,7 +2,8 @@
 
     python -m benchmarks.privacy [--sample | --catalog ROOT] [--devices 50] [--per-round 10]
         [--rounds 5] [--noise 0.5,1,2] [--clip 0.5] [--mode server-fixed] [--input-size 96]
-        [--set KEY=VALUE ...] [--no-device-eval] [--out runs/privacy] [--json]
+        [--set KEY=VALUE ...] [--no-baseline] [--no-device-eval] [--out runs/privacy] [--json]
+    python -m benchmarks.privacy --combine A/privacy.json B/privacy.json --out DIR
 
 One federation without DP and one per noise multiplier, otherwise identical (catalog, split,
 IID partitions over ``--devices`` devices, initial weights, hyper-parameters), each on the
@@ -18,7 +19,8 @@ device-protocol Recall@1: the final checkpoint exported to ONNX, the whole catal
 with ONNX Runtime, ``catalog-search eval`` (queries = the test products' other photos,
 gallery = the main photo of every catalog product).
 
-Writes ``OUT/privacy.json``, ``OUT/table.md`` and ``OUT/recall_vs_epsilon.png``. A federation
+Writes ``OUT/privacy.json``, ``OUT/table.md`` and ``OUT/recall_vs_epsilon.png``; ``--combine``
+merges sweeps (e.g. two clipping norms) into one table and plot. A federation
 whose folder already holds a finished run with the same settings is reused.
 """
 from __future__ import annotations
@@ -105,7 +107,7 @@ def run_one(args, catalog: Path, name: str, z: float | None, say) -> dict[str, A
     return res
 
 
-def table(results: list[dict[str, Any]], args) -> str:
+def table(results: list[dict[str, Any]], device_eval: bool) -> str:
     from fedcbir.report import markdown_table
 
     def eps(r):
@@ -113,50 +115,91 @@ def table(results: list[dict[str, Any]], args) -> str:
             return "no DP"
         return "inf (no noise)" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
 
-    header = ["run", "noise multiplier z", "epsilon (delta 1e-5)", "server Recall@1 start -> end",
+    header = ["run", "clip", "noise multiplier z", "epsilon (delta 1e-5)", "server Recall@1 start -> end",
               "server Recall@5"]
-    if args.device_eval:
+    if device_eval:
         header += ["device Recall@1", "device Recall@5"]
     rows = []
     for r in results:
-        row = [r["name"], "–" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:g}", eps(r),
+        row = [r["name"], "–" if r["clip"] is None else f"{r['clip']:g}",
+               "–" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:g}", eps(r),
                f"{r['server_recall@1_start']:.3f} -> {r['server_recall@1']:.3f}", f"{r['server_recall@5']:.3f}"]
-        if args.device_eval:
+        if device_eval:
             row += [f"{r['device_recall@1']:.3f}", f"{r['device_recall@5']:.3f}"]
         rows.append(row)
     return markdown_table(header, rows)
 
 
-def plot(results: list[dict[str, Any]], path: Path, args) -> None:
+def plot(results: list[dict[str, Any]], path: Path, title: str, device_eval: bool) -> None:
+    """Recall@1 against epsilon: one line per clipping norm and metric; horizontal lines for
+    no DP and for clipping without noise (epsilon infinite)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    dp = [r for r in results if r["epsilon"] is not None]
-    base = [r for r in results if r["noise_multiplier"] is None]
-    keys = [("server_recall@1", "server (60 test products)", "o-")]
-    if args.device_eval:
-        keys.append(("device_recall@1", "device protocol (all products)", "s-"))
-    for key, label, style in keys:
-        pts = sorted((r["epsilon"], r[key]) for r in dp)
-        if pts:
-            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"DP, {label}")
-            for r in base:
-                ax.axhline(r[key], color=line.get_color(), linestyle=":", label=f"no DP, {label}")
-    start = results[0]["server_recall@1_start"] if results else None
-    if start is not None:
-        ax.axhline(start, color="grey", linestyle="--", linewidth=0.8, label="server, before training")
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    keys = [("server_recall@1", "server", "o", "-")]
+    if device_eval:
+        keys.append(("device_recall@1", "device protocol", "s", "--"))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    clips = sorted({r["clip"] for r in results if r["clip"] is not None}, reverse=True)
+    xs = [r["epsilon"] for r in results if r["epsilon"] is not None]
+    for i, clip in enumerate(clips):
+        mine = [r for r in results if r["clip"] == clip]
+        for key, label, marker, style in keys:
+            pts = sorted((r["epsilon"], r[key]) for r in mine if r["epsilon"] is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle=style,
+                        color=colors[i % len(colors)], label=f"DP, clip {clip:g}: {label}")
+            for r in mine:
+                if r["epsilon"] is None and key == "server_recall@1":
+                    ax.axhline(r[key], color=colors[i % len(colors)], linestyle="-.", linewidth=0.9,
+                               label=f"clip {clip:g}, no noise: server")
+    for r in results:
+        if r["noise_multiplier"] is None:
+            ax.axhline(r["server_recall@1"], color="black", linestyle=":", label="no DP: server")
+            if device_eval:
+                ax.axhline(r["device_recall@1"], color="grey", linestyle=":", label="no DP: device protocol")
+    if results:
+        ax.axhline(results[0]["server_recall@1_start"], color="grey", linestyle="--", linewidth=0.8,
+                   label="before training: server")
     ax.set_xscale("log")
+    if xs:
+        ticks = [t for t in (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500) if min(xs) / 1.5 <= t <= max(xs) * 1.5]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("epsilon at delta 1e-5 (device-level, after the last round)")
     ax.set_ylabel("Recall@1")
-    ax.set_title(f"{args.devices} devices, {args.per_round} per round, {args.rounds} rounds, clip {args.clip:g}",
-                 fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _title(doc: dict[str, Any]) -> str:
+    return (f"{doc['devices']} devices, {doc['per_round']} per round, {doc['rounds']} rounds, "
+            f"{doc['input_size']} px")
+
+
+def combine(paths: list[str], out: Path) -> int:
+    """One table and one plot from several sweeps' ``privacy.json`` (same federation settings)."""
+    from fedcbir.io import write_text_atomic
+
+    docs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
+    results = [r for d in docs for r in d["results"]]
+    dev = all("device_recall@1" in r for r in results)
+    md = table(results, dev)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "table.md", "\n".join(f"`{d['command']}`" for d in docs) + f"\n\n{md}")
+    plot(results, out / "recall_vs_epsilon.png", _title(docs[0]), dev)
+    print(md)
+    print(f"{out / 'table.md'}, {out / 'recall_vs_epsilon.png'}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -175,12 +218,18 @@ def main(argv=None) -> int:
     p.add_argument("--input-size", type=int, default=96, help="image size (default 96; the encoder's own is 160)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other run-config key, for every run")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false",
+                   help="skip the federation without DP (e.g. a second sweep with another --clip)")
     p.add_argument("--no-device-eval", dest="device_eval", action="store_false",
                    help="skip the export + on-device catalog search of each final model")
+    p.add_argument("--combine", nargs="+", metavar="JSON",
+                   help="only merge earlier sweeps' privacy.json files into OUT/table.md and OUT/recall_vs_epsilon.png")
     p.add_argument("--out", default="runs/privacy")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
+    if args.combine:
+        return combine(args.combine, Path(args.out))
     try:
         noise = [float(x) for x in args.noise.split(",") if x.strip()]
         if any(z < 0 for z in noise) or args.devices < 1 or args.per_round < 1 or args.rounds < 1:
@@ -192,7 +241,7 @@ def main(argv=None) -> int:
 
             catalog = ensure_default_sample(progress=False)
         t0 = time.perf_counter()
-        results = [run_one(args, catalog, "no-dp", None, say)]
+        results = [run_one(args, catalog, "no-dp", None, say)] if args.baseline else []
         results += [run_one(args, catalog, f"dp-z{z:g}", z, say) for z in noise]
     except FedcbirError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -206,9 +255,9 @@ def main(argv=None) -> int:
            "clip": args.clip, "mode": args.mode, "input_size": args.input_size, "catalog": str(catalog),
            "set": args.set or [], "results": results, "wall_seconds": round(time.perf_counter() - t0, 1)}
     write_json_atomic(out / "privacy.json", doc)
-    md = table(results, args)
+    md = table(results, args.device_eval)
     write_text_atomic(out / "table.md", f"`{doc['command']}`\n\n{md}")
-    plot(results, out / "recall_vs_epsilon.png", args)
+    plot(results, out / "recall_vs_epsilon.png", _title(doc), args.device_eval)
     if args.json:
         print_json(doc)
     else:

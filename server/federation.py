@@ -14,6 +14,11 @@ run can resume at round k+1 from its last checkpoint. Per round:
    moments go to ``round-XXXX.server-opt.npz``) and one line appended to
    ``RUN/metrics.jsonl``.
 
+Under differential privacy (run config ``dp``, ``server.privacy``) the strategy is Flower's DP
+wrapper with validation in front; before a round is sent the budget check may stop the run
+(``target-epsilon``), and after it the round's epsilon is added to the privacy ledger and
+to the row (``dp``: sampling rate, devices, clip, noise std, epsilon at delta).
+
 Round 0 (before training) is evaluated and checkpointed too. ``RUN/summary.json`` is written
 at the end. Resume (run config ``resume = true``): continue after the newest checkpoint,
 refusing if the run's fingerprint (catalog, partition, strategy, architecture, ...)

@@ -47,6 +47,14 @@ update shrinks further instead of growing); (c) that share is the noisy
 expected ``m`` (sensitivity 1/2, which Flower's split of the noise between the two queries
 assumes, and no dependence on how many devices answered).
 
+BatchNorm running statistics are averages of a device's activations, not parameters: they
+would escape the clipping bound, and noise would make variances negative. Under DP they
+never travel (neither way); the global model keeps the pretrained encoder's initial ones (a
+model trained from scratch with ``bn-policy = shared`` gets them re-estimated by the server
+on the catalog's main photos, public data, after every round; under ``bn-policy = local``
+nothing of BatchNorm travels anyway). BN affine parameters of the trained part are trained,
+clipped and noised like every other weight.
+
 The budget (``epsilon``): user-level = device-level (neighbouring federations differ by one
 device with all of its photos), add-or-remove-one relation, one Poisson-subsampled Gaussian
 event per round ``(q, z)`` composed with Google's ``dp-accounting`` (RDP by default, PLD with

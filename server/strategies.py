@@ -21,6 +21,12 @@ fedprox, fedadam, fedtrimmedavg, krum) and builds a subclass of it with
    running means/variances makes no sense).
 
 ``last_report`` holds one dict per reply for the round loop (``server.federation``).
+
+``clients-per-round > 0`` trains a seeded sample of that many connected nodes per round
+(``_sample``). Under differential privacy (run config ``dp``) ``server.privacy`` builds a
+subclass (``PrivateMixin``) that overrides the hooks ``_sample`` (Poisson), ``_rejections``
+(per-update rules only), ``_clean_metrics`` (equal weights) and ``_aggregate_accepted``
+(Flower's DP wrapper clips, averages and adds noise).
 """
 from __future__ import annotations
 
