@@ -1,7 +1,7 @@
 """What device-level differential privacy costs in search quality, against its epsilon.
 
     python -m benchmarks.privacy [--sample | --catalog ROOT] [--devices 50] [--per-round 10]
-        [--rounds 5] [--noise 0.5,1,2] [--clip 0.5] [--mode server-fixed] [--input-size 96]
+        [--rounds 5] [--noise 0.5,1,2] [--clip 0.05] [--mode server-fixed] [--input-size 96]
         [--set KEY=VALUE ...] [--no-baseline] [--no-device-eval] [--out runs/privacy] [--json]
     python -m benchmarks.privacy --combine A/privacy.json B/privacy.json --out DIR
 
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     p.add_argument("--per-round", type=int, default=10, help="devices per round (DP: expected number)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--noise", default=DEFAULT_NOISE, help=f"noise multipliers, comma-separated ({DEFAULT_NOISE})")
-    p.add_argument("--clip", type=float, default=0.5, help="clipping norm (default 0.5)")
+    p.add_argument("--clip", type=float, default=0.05, help="clipping norm (default 0.05)")
     p.add_argument("--mode", default="server-fixed", help="dp mode of the DP runs (default server-fixed)")
     p.add_argument("--input-size", type=int, default=96, help="image size (default 96; the encoder's own is 160)")
     p.add_argument("--seed", type=int, default=0)

@@ -78,7 +78,7 @@ DEFAULTS: dict[str, Any] = {
     "client-state-dir": "",  # where clients also persist FedBN tensors (survives --resume)
     "clients-per-round": 0,  # devices sampled per round; 0 = every connected device (under DP: expected number)
     "dp": "off",  # off | server-fixed | client-fixed | server-adaptive | client-adaptive (server.privacy)
-    "dp-clip": 0.5,  # clipping norm of a device's update (adaptive: the initial norm)
+    "dp-clip": 0.05,  # clipping norm of a device's update (adaptive: the initial norm); README "Privacy"
     "dp-noise": 1.0,  # noise multiplier z: Gaussian noise std = z x clip on the sum of updates
     "dp-delta": 1e-5,  # the delta at which epsilon is reported
     "dp-accountant": "rdp",  # rdp | pld (dp-accounting)

@@ -424,3 +424,23 @@ def test_target_epsilon_stops_cleanly_with_last_checkpoint(tiny_catalog, tmp_pat
     assert meta["round"] == 1 and all(np.all(np.isfinite(v)) for v in w.values())
     assert summary["checkpoint"].endswith("round-0001.json")
     assert not (tmp_path / "r" / "checkpoints" / "round-0002.json").exists()
+
+
+def test_epsilon_in_round_line_demo_report_and_summary_line():
+    from fedcbir.demo import _privacy_md
+    from fedcbir.flower import round_line
+    from server.privacy import describe, summary_line
+
+    cfg = RunConfig.from_flower({"dp": "server-fixed", "clients-per-round": 3, "dp-noise": 1.0})
+    dp = {"sampling_rate": 1.0, "epsilon": 2.5, "delta": 1e-5, "noise_multiplier": 1.0}
+    row = {"round": 1, "recall@1": 0.1, "map@r": 0.1, "clients": [{"status": "ok"}], "seconds": 1.0, "dp": dp}
+    assert round_line(row, 3).endswith("| epsilon 2.5 (delta 1e-05)")
+    assert round_line({**row, "dp": {**dp, "epsilon": None}}, 3).endswith("| epsilon inf (no noise)")
+    assert "epsilon" not in round_line({k: v for k, v in row.items() if k != "dp"}, 3)
+    summary = {"privacy": {**describe(cfg), "epsilon": 2.5, "rounds_accounted": 1}, "stopped": None}
+    assert summary_line(summary) == ("; device-level DP (server-fixed): epsilon 2.5 at delta 1e-05 after 1 round(s) "
+                                     "(RDP)")
+    assert summary_line({"privacy": None}) == ""
+    text = _privacy_md(summary, [{"round": 0}, row])[0]
+    assert "epsilon **2.5** at delta 1e-05 after 1 round(s)" in text and "Per round: 1: 2.5" in text
+    assert _privacy_md({"privacy": None}, []) == []
