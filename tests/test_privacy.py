@@ -339,6 +339,21 @@ def test_simulate_cli_refuses_in_one_line(tiny_catalog, tmp_path, capsys):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_server_cli_refuses_in_one_line(tiny_catalog, tmp_path, capsys):
+    from fedcbir.cli import main
+
+    base = ["server", "--catalog", str(tiny_catalog), "--min-clients", "4", "--rounds", "30",
+            "--out", str(tmp_path / "run")]
+    rc = main([*base, "--set", "dp=server-fixed", "--set", "clients-per-round=2", "--set", "target-epsilon=2"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "target-epsilon 2: 30 round(s) would spend epsilon" in err and "with --min-clients" in err
+    assert "\n" not in err and "Traceback" not in err
+    rc = main([*base, "--set", "dp=server-fixed", "--set", "strategy=krum"])
+    assert rc == 2 and "use its own option (--strategy)" in capsys.readouterr().err
+    rc = main([*base, "--strategy", "krum", "--set", "dp=server-fixed", "--set", "clients-per-round=2"])
+    assert rc == 2 and "dp needs strategy fedavg or fedprox" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- federations
 
 
@@ -444,3 +459,26 @@ def test_epsilon_in_round_line_demo_report_and_summary_line():
     text = _privacy_md(summary, [{"round": 0}, row])[0]
     assert "epsilon **2.5** at delta 1e-05 after 1 round(s)" in text and "Per round: 1: 2.5" in text
     assert _privacy_md({"privacy": None}, []) == []
+
+
+def test_pretrained_encoder_keeps_its_bn_statistics_under_dp(tiny_catalog, tmp_path):
+    """The default encoder (ImageNet EfficientNet-Lite0, here at 32 px) under DP: its trained
+    part moves, but its BN running statistics neither travel nor change."""
+    from models import canonical
+    from models.checkpoint import load_checkpoint
+
+    rc = RunConfig.from_flower({"catalog": str(tiny_catalog), "input-size": 32, "frameworks": "torch",
+                                "profiles": "rpi4", "partition": "iid", "num-server-rounds": 1,
+                                "client-isolation": "inline", "fraction-evaluate": 0.0, "products-per-batch": 8,
+                                "dp": "server-fixed", "clients-per-round": 3}).to_flower()
+    _run(rc, tmp_path / "r", nodes=3)
+    cfg = RunConfig.from_flower(rc)
+    spec = cfg.arch_spec(3)
+    assert spec.pretrained and cfg.bn_policy == "shared"
+    trained = canonical.trained_part_names(spec, cfg.trained_from())
+    stats = [n for n in trained if canonical.is_bn_stat(n)]
+    assert stats and not set(stats) & set(cfg.shared_names(spec))
+    w0, _ = load_checkpoint(tmp_path / "r" / "checkpoints" / "round-0000")
+    w1, _ = load_checkpoint(tmp_path / "r" / "checkpoints" / "round-0001")
+    assert all(np.array_equal(w0[n], w1[n]) for n in stats)
+    assert any(not np.array_equal(w0[n], w1[n]) for n in trained if not canonical.is_bn_stat(n))
