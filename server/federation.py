@@ -221,7 +221,7 @@ class Federation:
 
         self.ledger = PrivacyLedger.from_rows(cfg, self.history)
         last = next((r["dp"] for r in reversed(self.history) if r.get("dp")), None)
-        if last and last.get("next_clip"):
+        if cfg.dp.endswith("-adaptive") and last and last.get("next_clip"):  # the norm where the run left it
             self.strategy.clipping_norm = float(last["next_clip"])
         if cfg.bn_policy == "shared" and not self.spec.pretrained:
             # a pretrained encoder keeps its initial (ImageNet) statistics: re-estimating them on
