@@ -482,3 +482,11 @@ def test_pretrained_encoder_keeps_its_bn_statistics_under_dp(tiny_catalog, tmp_p
     w1, _ = load_checkpoint(tmp_path / "r" / "checkpoints" / "round-0001")
     assert all(np.array_equal(w0[n], w1[n]) for n in stats)
     assert any(not np.array_equal(w0[n], w1[n]) for n in trained if not canonical.is_bn_stat(n))
+
+
+def test_adaptive_clipping_norm_survives_a_resume(tiny_catalog, tmp_path):
+    kw = dict(dp="server-adaptive", dp_noise=0.5, dp_count_stddev=1.0, clients_per_round=3)
+    _run(_rc(tiny_catalog, num_server_rounds=1, **kw), tmp_path / "r", nodes=3)
+    _, rows = _run(_rc(tiny_catalog, num_server_rounds=2, resume=True, **kw), tmp_path / "r", nodes=3)
+    assert rows[1]["dp"]["next_clip"] != rows[1]["dp"]["clip"] == 0.5
+    assert rows[2]["dp"]["clip"] == pytest.approx(rows[1]["dp"]["next_clip"])
