@@ -490,3 +490,17 @@ def test_adaptive_clipping_norm_survives_a_resume(tiny_catalog, tmp_path):
     _, rows = _run(_rc(tiny_catalog, num_server_rounds=2, resume=True, **kw), tmp_path / "r", nodes=3)
     assert rows[1]["dp"]["next_clip"] != rows[1]["dp"]["clip"] == 0.5
     assert rows[2]["dp"]["clip"] == pytest.approx(rows[1]["dp"]["next_clip"])
+
+
+def test_clients_per_round_without_dp_is_a_seeded_fixed_size_sample(tiny_catalog):
+    cfg, glob = _weights(tiny_catalog, dp="off", clients_per_round=2)
+
+    def picked(server_round, seed=0):
+        s = make_strategy(RunConfig.from_flower({**cfg.to_flower(), "seed": seed}))
+        return sorted(m.metadata.dst_node_id for m in s.configure_train(server_round, to_record(glob),
+                                                                        ConfigRecord(), _Grid(6)))
+
+    assert len(picked(1)) == 2 and picked(1) == picked(1)
+    assert len({tuple(picked(r)) for r in range(1, 9)}) > 1  # another sample each round
+    cfg_all, _ = _weights(tiny_catalog, dp="off", clients_per_round=0)
+    assert len(list(make_strategy(cfg_all).configure_train(1, to_record(glob), ConfigRecord(), _Grid(6)))) == 6
