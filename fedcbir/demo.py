@@ -344,6 +344,24 @@ A green frame marks the query's own product. Similarity is the cosine of the two
     return write_text_atomic(out / "results.html", page)
 
 
+def _privacy_md(fed: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """The federation's differential-privacy paragraph ([] without DP)."""
+    p = fed.get("privacy")
+    if not p:
+        return []
+    per = ", ".join(f"{r['round']}: {'inf' if r['dp'].get('epsilon') is None else format(r['dp']['epsilon'], '.3g')}"
+                    for r in rows if r.get("dp"))
+    eps = "inf (no noise: clipping only)" if p.get("epsilon") is None else f"{p['epsilon']:.3g}"
+    text = (f"**Device-level differential privacy** ({p['mode']}: clip {p['clip']:g}, noise multiplier "
+            f"{p['noise_multiplier']:g}, {p['clients_per_round']} device(s) per round expected, {p['sampling']}): "
+            f"epsilon **{eps}** at delta {p['delta']:g} after {p['rounds_accounted']} round(s), "
+            f"{p['accountant']}, {p['neighbouring']}. Per round: {per}. Covers {p['covers']}. With three devices "
+            "this epsilon is large: device-level DP needs many devices (README \"Privacy\").")
+    if fed.get("stopped"):
+        text += f" The privacy budget ended the federation early: {fed['stopped']}."
+    return [text, ""]
+
+
 def report_md(result: dict[str, Any], rows: list[dict[str, Any]], out: Path) -> Path:
     from fedcbir.io import write_text_atomic
     from fedcbir.report import markdown_table
@@ -372,6 +390,7 @@ def report_md(result: dict[str, Any], rows: list[dict[str, Any]], out: Path) -> 
         "round (round 0 = the initial weights). *sim s* = the device's simulated seconds for its local training "
         "(virtual clock of its profile), *peak MB* = the training process's peak RSS.", "",
         markdown_table(header, table),
+        *_privacy_md(fed, rows),
         "![recall per round](recall_per_round.png)", "",
         "![simulated round time per device](device_round_seconds.png)", "",
         "## Exported bundle", "",
@@ -429,7 +448,8 @@ def run_demo(out: Path, catalog: Path, settings: DemoSettings, *, fresh: bool = 
     result = {"settings": asdict(settings), "catalog": str(catalog), "out": str(out),
               "federation": {k: fed.get(k) for k in ("initial", "final", "best", "client_status_counts", "checkpoint",
                                                      "test_products", "train_products", "bytes_up_total",
-                                                     "bytes_down_total", "simulated_seconds_total")},
+                                                     "bytes_down_total", "simulated_seconds_total", "privacy",
+                                                     "stopped")},
               "rounds": rows, "bundle_dir": str(out / "bundle"),
               "bundle": {"files": man.get("files", {}), "verify": man.get("verify")},
               "index": {k: idx.get(k) for k in ("status", "images", "indexed_products", "embedded", "skipped",
@@ -451,8 +471,11 @@ def print_summary(result: dict[str, Any], say) -> None:
     say(markdown_table(header, table).rstrip())
     i, f = result["federation"]["initial"], result["federation"]["final"]
     ev = result["search"]["eval"]["index"]
+    from server.privacy import summary_line
+
     say(f"federated recall@1 {i['recall@1']:.3f} -> {f['recall@1']:.3f} (recall@10 {i['recall@10']:.3f} -> "
-        f"{f['recall@10']:.3f}); on-device search recall@1 {ev['recall@1']:.3f}, recall@5 {ev['recall@5']:.3f}")
+        f"{f['recall@10']:.3f}); on-device search recall@1 {ev['recall@1']:.3f}, recall@5 {ev['recall@5']:.3f}"
+        f"{summary_line(result['federation'])}")
     out = Path(result["out"])
     say(f"report: {out / 'report.md'}  results page: {out / 'results.html'}  "
         f"({result['stage_seconds']['total']:.0f} s)")

@@ -91,6 +91,9 @@ def simulate(run_config: dict[str, Any], num_nodes: int, *, on_row: Callable[[di
     out = Path(cfg.out)
     if not out.is_absolute():
         raise FedcbirError("run config 'out' must be an absolute path")
+    from server.privacy import precheck
+
+    precheck(run_config, num_nodes, " simulated")  # target-epsilon: refuse before starting anything
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     seen = {int(r["round"]) for r in read_rows(out / "metrics.jsonl")} if cfg.resume else set()
@@ -186,16 +189,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print_json({
             "rounds": [{k: r.get(k) for k in ("round", "recall@1", "recall@5", "recall@10", "map@r", "seconds",
                                               "simulated_round_seconds", "bytes_up", "bytes_down", "client_eval",
-                                              "clients")} for r in rows],
+                                              "clients", "dp")} for r in rows],
             "final": summary["final"], "initial": summary["initial"], "best": summary["best"],
             "client_status_counts": summary["client_status_counts"], "out": summary["out"],
             "checkpoint": summary["checkpoint"], "wall_seconds": summary["wall_seconds"],
-            "flower_run_id": summary["flower_run_id"],
+            "flower_run_id": summary["flower_run_id"], "privacy": summary.get("privacy"),
+            "stopped": summary.get("stopped"),
         })
     else:
+        from server.privacy import summary_line
+
         f, i = summary["final"], summary["initial"]
         print(f"done in {summary['wall_seconds']:.0f} s: recall@1 {i['recall@1']:.3f} -> {f['recall@1']:.3f}, "
-              f"map@r {i['map@r']:.3f} -> {f['map@r']:.3f}; checkpoint {summary['checkpoint']}")
+              f"map@r {i['map@r']:.3f} -> {f['map@r']:.3f}; checkpoint {summary['checkpoint']}"
+              f"{summary_line(summary)}")
     return 0
 
 

@@ -469,6 +469,9 @@ def federation_stats(rows: Sequence[Mapping[str, Any]], target: float) -> dict[s
         "bytes_per_round": _mean((_num(r.get("bytes_up")) or 0) + (_num(r.get("bytes_down")) or 0) for r in train),
         "client_status": status,
         "by_framework": by_fw,
+        # device-level DP (run config dp): epsilon after the last round, at its delta; None without DP
+        "epsilon": _num((final.get("dp") or {}).get("epsilon")) if final.get("dp") else None,
+        "dp_delta": (final.get("dp") or {}).get("delta"),
     }
 
 
@@ -870,6 +873,13 @@ def render_report(study: Mapping[str, Any], plots: Mapping[str, str]) -> str:
                          f"{wall:.0f}" if wall else "–", p.get("run_state") or ""])
     lines += ["### Per seed", "", markdown_table(["federation", "seed", "Recall@1 start → end", "mAP@R",
                                                   "rounds to target", "client rounds", "wall s", "run"], rows)]
+    eps = [(lb, seed, p) for lb in labels for seed, p in res[lb]["per_seed"].items() if p.get("dp_delta")]
+    if eps:
+        lines += [f"Device-level differential privacy (run config `dp = {s.get('run_config', {}).get('dp', '?')}`; "
+                  "README \"Privacy\"): epsilon after the last round, " + "; ".join(
+                      f"{_label(lb, fws)} seed {seed}: "
+                      f"{'inf' if p.get('epsilon') is None else format(p['epsilon'], '.3g')} at delta {p['dp_delta']:g}"
+                      for lb, seed, p in eps) + ".", ""]
     for key, alt in (("seconds", "seconds per round"), ("rss", "peak RSS")):
         if plots.get(key):
             lines += [f"![{alt}]({plots[key]})", ""]
