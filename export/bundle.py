@@ -49,6 +49,7 @@ INT8_CHECK_IMAGES = 256  # images of the export-time int8 check (parity, then ca
 class ExportOptions:
     formats: Sequence[str] = FORMATS
     quantize: Sequence[str] = QUANTIZATIONS
+    int8_formats: Sequence[str] | None = None  # formats that get an int8 file (None: every format)
     source: str = "torch"  # torch: TFLite from Keras, ONNX/PTE from PyTorch; jax: TFLite from Flax
     calibration: str | os.PathLike | None = None  # catalog root; default: checkpoint's / sample
     calibration_images: int = 256
@@ -94,6 +95,8 @@ def plan_files(opts: ExportOptions) -> list[tuple[str, str, str, str]]:
             continue
         for prec in FORMAT_PRECISIONS[fmt]:
             if prec != "fp32" and prec not in opts.quantize:
+                continue
+            if prec == "int8" and opts.int8_formats is not None and fmt not in opts.int8_formats:
                 continue
             src = ("flax" if opts.source == "jax" else "keras") if fmt == "tflite" else "torch"
             out.append((FILE_NAMES[(fmt, prec)], fmt, prec, src))

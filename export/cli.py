@@ -75,6 +75,9 @@ def register(sub) -> None:
     e.add_argument("--quantize", default="fp16,int8",
                    help="extra precisions besides fp32: fp16 (tflite only), int8; 'none' for fp32 only "
                         "(default: fp16,int8)")
+    e.add_argument("--int8-formats", default=None, metavar="LIST",
+                   help="formats that get an int8 file (default: every exported format), e.g. tflite: "
+                        "the default encoder's int8 .pte fails verify and its int8 .onnx is undecided")
     e.add_argument("--calibration", metavar="ROOT",
                    help="catalog for int8 calibration (training products) and parity images (test "
                         "products); default: the checkpoint's catalog, else the built-in sample")
@@ -144,6 +147,7 @@ def _export(args) -> int:
     opts = ExportOptions(
         formats=_csv(args.formats, FORMATS, "--formats"),
         quantize=_csv(args.quantize, QUANTIZATIONS, "--quantize", allow_none=True),
+        int8_formats=_csv(args.int8_formats, FORMATS, "--int8-formats") if args.int8_formats else None,
         source=args.source, calibration=args.calibration,
         calibration_images=args.calibration_images, pte_max_batch=args.pte_max_batch,
         tflite_int8_float_ops=("HARD_SWISH",) if args.tflite_int8 == "fast" else (),

@@ -632,3 +632,12 @@ def test_kernel_check_rule():
     broken = ref.copy()
     broken[3] = -broken[3]
     assert not kernel_check(broken, ref, fp32, None)["ok"]
+
+
+def test_int8_formats_limits_the_int8_files():
+    from export.bundle import ExportOptions, plan_files
+
+    names = [p[0] for p in plan_files(ExportOptions(formats=("tflite", "onnx", "pte"), quantize=("int8",),
+                                                    int8_formats=("tflite",)))]
+    assert names == ["model.tflite", "model.int8.tflite", "model.onnx", "model.pte"]
+    assert "model.int8.pte" in [p[0] for p in plan_files(ExportOptions())]
