@@ -76,8 +76,8 @@ def register(sub) -> None:
                    help="extra precisions besides fp32: fp16 (tflite only), int8; 'none' for fp32 only "
                         "(default: fp16,int8)")
     e.add_argument("--int8-formats", default=None, metavar="LIST",
-                   help="formats that get an int8 file (default: every exported format), e.g. tflite: "
-                        "the default encoder's int8 .pte fails verify and its int8 .onnx is undecided")
+                   help="formats that get an int8 file (default: every exported format, except .pte for "
+                        "the pretrained EfficientNet-Lite0, whose pt2e int8 file fails verify)")
     e.add_argument("--calibration", metavar="ROOT",
                    help="catalog for int8 calibration (training products) and parity images (test "
                         "products); default: the checkpoint's catalog, else the built-in sample")
