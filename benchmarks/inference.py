@@ -251,13 +251,16 @@ def run(args) -> dict:
             "int8_size_ok": all(r["size_vs_fp32"] <= GOAL_INT8_SIZE for r in int8),
             "int8_slower_than_fp32": [r["name"] for r in int8 if r.get("int8_slower_than_fp32")],
         },
-        "notes": [
+        "notes": ([
             "XNNPACK has no int8 hard-swish: the full-integer .tflite (not in the bundle) splits into "
             "many delegate partitions; the bundle's model.int8.tflite keeps HARD_SWISH in float "
             "(selective quantization) so XNNPACK runs it.",
             "ExecuTorch's XNNPACKQuantizer leaves hard-swish in float likewise (dequantize/quantize around it).",
-            "ONNX Runtime int8 uses U8S8 QDQ (S8S8 measured 2.7x slower on this x86 CPU); ORT has no "
-            "int8 HardSwish/HardSigmoid either, so they run in float.",
+        ] if "hswish" in json.dumps(bundle.manifest.get("architecture")) else [
+            "ReLU6 network (no hard-swish): every op has an int8 kernel in XNNPACK.",
+        ]) + [
+            "ONNX Runtime int8 is QDQ U8S8 with 7-bit weights (reduce_range): right on x86 with or without "
+            "VNNI and on ARM64 (see README, int8 on every CPU).",
         ],
     }
     tmp.cleanup()

@@ -46,7 +46,7 @@ def ratio_rows(results: dict[str, Any]) -> list[list[str]]:
             if "ratio_to_fastest_default" in r:
                 rows.append(["train step (batch %d, 1 core)" % t.get("batch", 0), r.get("variant", "?"),
                              f"{r['median_ms']:.0f} ms", f"{r['ratio_to_fastest_default']:.2f}x fastest",
-                             "<= 2x"])
+                             "<= 1.5x"])
     if (t := res("inference")):
         g = t.get("goals", {})
         for r in t.get("results", []):

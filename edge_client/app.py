@@ -13,7 +13,9 @@ One app for every emulated device. Per message it:
 3. trains (or evaluates) in a fresh child process with one thread (``edge_client.worker``),
    checks the child's peak RSS against the profile's usable RAM (``out of memory:``
    Error reply when exceeded);
-4. replies with ONE ArrayRecord ``arrays`` (canonical names, float32; float16 on the wire
+4. under ``dp = client-fixed | client-adaptive`` clips its update with Flower's
+   ``fixedclipping_mod`` / ``adaptiveclipping_mod`` (:func:`dp_mod`);
+5. replies with ONE ArrayRecord ``arrays`` (canonical names, float32; float16 on the wire
    with ``fp16-upload``, see :func:`fp16_upload_mod`), ONE MetricRecord ``metrics`` (numbers
    only, the same keys from every client) and a ConfigRecord ``client`` (framework, profile,
    partition id). Error reasons end with ``[partition=P framework=F profile=X]``.
@@ -42,7 +44,8 @@ STATE_BN_META = "fedbn-meta"
 TRAIN_METRIC_KEYS = ("num-examples", "loss", "steps", "host-seconds", "cpu-seconds", "process-seconds",
                      "compute-seconds",
                      "transfer-seconds", "simulated-seconds", "bytes-down", "bytes-up", "peak-rss-mb",
-                     "partition-id", "framework-code", "server-round", "cache-hits", "cache-misses")
+                     "partition-id", "framework-code", "server-round", "cache-hits", "cache-misses",
+                     "build-seconds", "first-step-seconds", "steady-step-seconds")
 EVAL_METRIC_KEYS = ("num-examples", "recall@1", "recall@5", "recall@10", "map@r", "type_precision@1",
                     "gallery", "host-seconds", "process-seconds", "peak-rss-mb", "partition-id",
                     "framework-code")
@@ -155,7 +158,15 @@ def realtime_mod(msg: Message, context: Context, call_next) -> Message:
     return reply
 
 
-app = ClientApp(mods=[realtime_mod, fp16_upload_mod])
+def dp_mod(msg: Message, context: Context, call_next) -> Message:
+    """Under ``dp = client-fixed | client-adaptive``: Flower's clipping mod on train replies
+    (``server.privacy.dp_clipping_mod``); innermost, so it clips the update itself."""
+    from server.privacy import dp_clipping_mod
+
+    return dp_clipping_mod(msg, context, call_next)
+
+
+app = ClientApp(mods=[realtime_mod, fp16_upload_mod, dp_mod])
 
 
 # ----------------------------------------------------------------------------- handlers
@@ -197,6 +208,11 @@ def _train(msg: Message, context: Context) -> Message:
         "peak-rss-mb": float(wm["peak_rss_mb"]), "partition-id": node.partition,
         "framework-code": FRAMEWORK_CODES[node.framework], "server-round": server_round,
         "cache-hits": int(wm.get("cache_hits", 0)), "cache-misses": int(wm.get("cache_misses", 0)),
+        # where a device's time goes: framework import + model build, the first (tracing /
+        # compiling) step, a steady step
+        "build-seconds": float(wm.get("build_seconds", 0.0)),
+        "first-step-seconds": float(wm.get("first_step_seconds", 0.0)),
+        "steady-step-seconds": float(wm.get("steady_step_seconds", 0.0)),
     }
     assert set(metrics) == set(TRAIN_METRIC_KEYS)
     content = RecordDict({
@@ -224,6 +240,8 @@ def _evaluate(msg: Message, context: Context) -> Message:
     recalibrate = False
     if node.cfg.bn_policy == "local" and not _local_bn(node, context, server_round + 1):
         recalibrate = True  # never trained here: BN statistics from the local images
+    if node.cfg.dp != "off" and node.cfg.bn_policy == "shared" and not node.spec.pretrained:
+        recalibrate = True  # under DP no BN statistics travel; a pretrained encoder keeps its own
     # this round's own FedBN tensors count
     weights = _full_weights(node, context, config, received, server_round + 1)
     m = node.evaluate(weights, recalibrate)

@@ -126,7 +126,9 @@ def run_job(job: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *, cache_t
         out = trainer.get_weights()
         if cache_file is not None:
             trainer.cache.save(cache_file)
-        metrics.update(cache_hits=int(tm.get("cache_hits", 0)), cache_misses=int(tm.get("cache_misses", 0)))
+        metrics.update(cache_hits=int(tm.get("cache_hits", 0)), cache_misses=int(tm.get("cache_misses", 0)),
+                       first_step_seconds=float(tm["first_step_seconds"]),
+                       steady_step_seconds=float(tm["steady_step_seconds"]))
         metrics.update(loss=float(tm["loss"]), examples=int(tm["examples"]), steps=int(tm["steps"]),
                        train_seconds=float(tm["seconds"]), train_cpu_seconds=float(tm["cpu_seconds"]),
                        train_images=len(table))

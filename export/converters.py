@@ -43,9 +43,19 @@ Measured choices (see DESIGN.md "Export and on-device runtimes" and the module d
   ("16x8": agreement 0.94 but LiteRT's reference kernels, 29 ms, 50x slower).
 * torch -> ONNX: ``torch.onnx.export(dynamo=True, external_data=False)`` with a dynamic
   batch (example batch 2).  int8: ONNX Runtime static quantization, QDQ, per-channel
-  int8 weights, uint8 activations (U8S8: on x86, S8S8 measured 2.7x slower here, as ORT's
-  docs warn); pre-processing with ``skip_symbolic_shape=True`` (the symbolic shape
-  inference fails on dynamo-exported graphs).
+  int8 weights with ``reduce_range=True`` (7-bit: -64..64), uint8 activations; pre-processing
+  with ``skip_symbolic_shape=True`` (the symbolic shape inference fails on dynamo-exported
+  graphs).  Why 7-bit weights: on x86-64 without VNNI (AVX2 or AVX-512 only, like the AMD
+  EPYC this was measured on) ORT's U8S8 kernels add pairs of uint8 x int8 products in
+  16 bits with saturation (VPMADDUBSW): 255*127*2 = 64770 > 32767.  Measured here on a
+  one-layer QLinearConv: exact 64770, ORT 32768; with 7-bit weights 255*64*2 = 32640 always
+  fits.  The 8-bit file's embeddings there differ from its own exact reference (ORT with
+  graph optimizations off: DequantizeLinear -> float op -> QuantizeLinear) by cosine down to
+  0.26 (test model) / 0.88 (trained); the 7-bit file matches its reference on every CPU
+  class (VNNI and ARM64 kernels do not saturate) at the same speed.  S8S8 QDQ (ORT's generic
+  default) is exact too but 2.8x slower on x86 (most convs are not fused there); U8U8 is
+  slower and its safety depends on which kernel ORT picks (the QOperator U8U8 file
+  saturated here).  Table: README "Export".
 * torch -> ExecuTorch: ``torch.export`` (batch 1..max_batch: the upper bound sizes the
   memory plan) -> ``to_edge_transform_and_lower`` with the XNNPACK partitioner; int8 by
   pt2e with ``XNNPACKQuantizer`` (symmetric, per-channel), which leaves hard-swish in
@@ -383,12 +393,25 @@ def _onnx_facts(path: Path, s: int) -> dict:
             "opset": opset, "ir_version": int(m.ir_version), "ops": dict(sorted(ops.items()))}
 
 
-def onnx_int8(src: Path, dst: Path, calib_nhwc: np.ndarray, activation: str = "uint8") -> dict:
+ONNX_INT8_FORMATS = {  # name -> (activations, weights, reduce_range); first: the default
+    "u8s8-reduce-range": ("uint8", "int8", True),
+    "u8s8": ("uint8", "int8", False),
+    "s8s8": ("int8", "int8", False),
+    "u8u8": ("uint8", "uint8", False),
+}
+
+
+def onnx_int8(src: Path, dst: Path, calib_nhwc: np.ndarray, fmt: str = "u8s8-reduce-range") -> dict:
+    """Static QDQ per-channel int8 of ``src`` in one of ``ONNX_INT8_FORMATS`` (see the module
+    docstring for why the default has 7-bit weights; "u8s8" is the previous file)."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, quant_pre_process, quantize_static)
 
     import onnx
 
+    if fmt not in ONNX_INT8_FORMATS:
+        raise FedcbirError(f"unknown ONNX int8 format {fmt!r}: choose one of {', '.join(ONNX_INT8_FORMATS)}")
+    activation, weight, reduce_range = ONNX_INT8_FORMATS[fmt]
     if calib_nhwc is None or not len(calib_nhwc):
         raise FedcbirError("int8 export needs calibration images")
     calib = np.ascontiguousarray(calib_nhwc.transpose(0, 3, 1, 2))
@@ -401,24 +424,33 @@ def onnx_int8(src: Path, dst: Path, calib_nhwc: np.ndarray, activation: str = "u
         def get_next(self):
             return next(self._it, None)
 
-    act = QuantType.QUInt8 if activation == "uint8" else QuantType.QInt8
+    qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     with tempfile.TemporaryDirectory(prefix="fedcbir-ort-") as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=act, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        reduce_range=reduce_range, activation_type=qtype[activation],
+                        weight_type=qtype[weight], calibrate_method=CalibrationMethod.MinMax)
     s = calib.shape[-1]
+    bits = 7 if reduce_range else 8
     return _onnx_facts(dst, s) | {
         "source": "torch",
         "route": "model.onnx -> onnxruntime.quantization (quant_pre_process skip_symbolic_shape, "
-                 "quantize_static QDQ per-channel)",
+                 f"quantize_static QDQ per-channel{', reduce_range' if reduce_range else ''})",
         "quantization": {"scheme": "static post-training (ONNX Runtime, MinMax calibration)",
-                         "format": "QDQ", "weights": "int8 symmetric, per-channel",
+                         "format": "QDQ", "onnx_int8": fmt,
+                         "weights": (f"{weight} {'symmetric' if weight == 'int8' else 'asymmetric'}, "
+                                     f"per-channel, {bits}-bit" + (" (reduce_range: -64..64)" if reduce_range else "")),
                          "activations": f"{activation} per-tensor",
-                         "why_activations": ("U8S8 is ONNX Runtime's fast path on x86 "
-                                             "(S8S8 measured 2.7x slower here)"
-                                             if activation == "uint8" else None),
+                         "why": ({"u8s8-reduce-range":
+                                  "uint8 x int8 is ONNX Runtime's fast int8 path on x86 and ARM64; 7-bit weights "
+                                  "keep its 16-bit pair sums from saturating on x86-64 without VNNI "
+                                  "(255*64*2 = 32640 <= 32767), so the file gives the same results on every CPU",
+                                  "u8s8": "the previous file: 8-bit weights; ONNX Runtime's U8S8 kernels saturate "
+                                          "on x86-64 CPUs without VNNI (AVX2 / AVX-512 only)",
+                                  "s8s8": "ONNX Runtime's generic default; exact everywhere, but on x86 most convs "
+                                          "are not fused and it runs slower than fp32",
+                                  "u8u8": "8-bit weights without the U8S8 kernels; slower on x86"}[fmt]),
                          "io": "float32 input and output",
                          "calibration_images": int(len(calib))}}
 

@@ -188,8 +188,9 @@ class Embedder:
 
     runtime = ""
 
-    def __init__(self, bundle: Bundle, name: str, threads: int):
+    def __init__(self, bundle: Bundle, name: str, threads: int, reference_kernels: bool = False):
         self.bundle = bundle
+        self.reference_kernels = bool(reference_kernels)
         self.name = name
         self.info = bundle.files[name]
         self.precision = self.info["precision"]
@@ -261,7 +262,7 @@ class Embedder:
                 "input_shape": self.info["input"].get("shape"), "max_batch": self.max_batch,
                 "input_size": self.input_size, "dim": self.dim, "threads": self.threads,
                 "bytes": self.info["bytes"], "sha256": self.info["sha256"],
-                "source": self.info.get("source"),
+                "source": self.info.get("source"), "kernels": "reference" if self.reference_kernels else "fast",
                 "normalization": self.bundle.manifest["embedding"].get("normalization")}
 
 
@@ -280,24 +281,32 @@ def _require(info: dict, name: str) -> str:
 
 
 class LiteRTEmbedder(Embedder):
+    """LiteRT; ``reference_kernels=True``: its reference op kernels (no XNNPACK), the
+    file's function without the CPU-specific fast kernels."""
+
     runtime = "litert"
 
-    def __init__(self, bundle, name, threads):
-        super().__init__(bundle, name, threads)
+    def __init__(self, bundle, name, threads, reference_kernels=False):
+        super().__init__(bundle, name, threads, reference_kernels)
+        kw = {}
         try:
-            from ai_edge_litert.interpreter import Interpreter
+            from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
             self.runtime_version = _require(self.info, name)
             self.package = "ai-edge-litert"
+            if self.reference_kernels:
+                kw["experimental_op_resolver_type"] = OpResolverType.BUILTIN_REF
         except ImportError:
             try:  # optional fallback (old wheels may not load every op version)
                 from tflite_runtime.interpreter import Interpreter  # type: ignore
             except ImportError:
                 raise FedcbirError(f"{name} needs ai-edge-litert (pip install ai-edge-litert)") from None
+            if self.reference_kernels:
+                raise FedcbirError(f"{name}: reference kernels need ai-edge-litert") from None
             self.package = "tflite-runtime"
             self.runtime_version = dist_version("tflite-runtime")
         try:
-            self.interp = Interpreter(model_path=str(bundle.file_path(name)), num_threads=self.threads)
+            self.interp = Interpreter(model_path=str(bundle.file_path(name)), num_threads=self.threads, **kw)
         except (ValueError, RuntimeError) as exc:
             raise FedcbirError(f"{name} cannot be loaded by LiteRT: {' '.join(str(exc).split())}") from None
         d = self.interp.get_input_details()[0]
@@ -325,14 +334,18 @@ class LiteRTEmbedder(Embedder):
 
     def describe(self):
         return {**super().describe(), "runtime_package": self.package,
-                "delegate": "XNNPACK (LiteRT default CPU delegate)"}
+                "delegate": None if self.reference_kernels else "XNNPACK (LiteRT default CPU delegate)"}
 
 
 class OnnxEmbedder(Embedder):
+    """ONNX Runtime (CPU); ``reference_kernels=True``: graph optimizations off, so a QDQ int8
+    file runs as DequantizeLinear -> float op -> QuantizeLinear (its exact quantized
+    function) instead of the fused integer kernels (QLinearConv, ...) chosen for this CPU."""
+
     runtime = "onnx"
 
-    def __init__(self, bundle, name, threads):
-        super().__init__(bundle, name, threads)
+    def __init__(self, bundle, name, threads, reference_kernels=False):
+        super().__init__(bundle, name, threads, reference_kernels)
         self.runtime_version = _require(self.info, name)
         import onnxruntime as ort
 
@@ -340,7 +353,8 @@ class OnnxEmbedder(Embedder):
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if self.reference_kernels
+                                       else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         so.log_severity_level = 3
         try:
             self.sess = ort.InferenceSession(str(bundle.file_path(name)), so,
@@ -362,7 +376,9 @@ class PteEmbedder(Embedder):
 
     runtime = "pte"
 
-    def __init__(self, bundle, name, threads):
+    def __init__(self, bundle, name, threads, reference_kernels=False):
+        if reference_kernels:
+            raise FedcbirError(f"{name}: ExecuTorch's runtime has no reference kernels to compare with")
         super().__init__(bundle, name, threads)
         self.runtime_version = _require(self.info, name)
         import torch  # noqa: F401  (executorch.runtime needs it anyway)
@@ -396,8 +412,13 @@ _EMBEDDERS = {"litert": LiteRTEmbedder, "onnx": OnnxEmbedder, "pte": PteEmbedder
 
 
 def load_embedder(bundle: Bundle | str | os.PathLike, runtime: str = "litert",
-                  precision: str = "fp32", threads: int = 1, file: str | None = None) -> Embedder:
-    """Load the bundle file for ``runtime`` x ``precision`` (or the named ``file``)."""
+                  precision: str = "fp32", threads: int = 1, file: str | None = None,
+                  reference_kernels: bool = False) -> Embedder:
+    """Load the bundle file for ``runtime`` x ``precision`` (or the named ``file``).
+
+    ``reference_kernels=True`` (checks, not devices): the runtime's plain reference kernels
+    instead of the fast CPU-specific ones (ONNX Runtime: graph optimizations off; LiteRT:
+    built-in reference ops, no XNNPACK; ExecuTorch has none: FedcbirError)."""
     if not isinstance(bundle, Bundle):
         bundle = open_bundle(bundle, check="lazy")
     if file is not None:
@@ -410,7 +431,7 @@ def load_embedder(bundle: Bundle | str | os.PathLike, runtime: str = "litert",
     if int(threads) < 1:
         raise FedcbirError("threads must be >= 1")
     bundle.check_file(name)
-    return _EMBEDDERS[runtime](bundle, name, int(threads))
+    return _EMBEDDERS[runtime](bundle, name, int(threads), reference_kernels=bool(reference_kernels))
 
 
 def available(bundle: Bundle) -> list[dict[str, str]]:

@@ -151,9 +151,14 @@ def round_line(row: dict[str, Any], total: int) -> str:
     for c in clients:
         by[c["status"]] = by.get(c["status"], 0) + 1
     failed = ", ".join(f"{n} {s}" for s, n in sorted(by.items()) if s != "ok") or "0 failed"
+    dp = row.get("dp")
+    eps = ""
+    if dp:
+        e = dp.get("epsilon")
+        eps = f" | epsilon {e:.3g} (delta {dp.get('delta'):g})" if e is not None else " | epsilon inf (no noise)"
     return (f"round {row['round']}/{total}: {by.get('ok', 0)} ok, {failed} | recall@1 {row['recall@1']:.3f}  "
             f"map@r {row['map@r']:.3f} | {row.get('seconds', 0):.1f} s wall, "
-            f"{row.get('simulated_round_seconds', 0):.1f} s on the slowest device")
+            f"{row.get('simulated_round_seconds', 0):.1f} s on the slowest device{eps}")
 
 
 @contextlib.contextmanager

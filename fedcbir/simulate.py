@@ -101,6 +101,9 @@ def simulate(run_config: dict[str, Any], num_nodes: int, *, on_row: Callable[[di
     out = Path(cfg.out)
     if not out.is_absolute():
         raise FedcbirError("run config 'out' must be an absolute path")
+    from server.privacy import precheck
+
+    precheck(run_config, num_nodes, " simulated")  # target-epsilon: refuse before starting anything
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     seen = {int(r["round"]) for r in read_rows(out / "metrics.jsonl")} if cfg.resume else set()
@@ -203,16 +206,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print_json({
             "rounds": [{k: r.get(k) for k in ("round", "recall@1", "recall@5", "recall@10", "map@r", "seconds",
                                               "simulated_round_seconds", "bytes_up", "bytes_down", "client_eval",
-                                              "clients")} for r in rows],
+                                              "clients", "dp")} for r in rows],
             "final": summary["final"], "initial": summary["initial"], "best": summary["best"],
             "client_status_counts": summary["client_status_counts"], "out": summary["out"],
             "checkpoint": summary["checkpoint"], "wall_seconds": summary["wall_seconds"],
             "flower_run_id": summary["flower_run_id"], "ray_address": summary.get("ray_address"),
+            "privacy": summary.get("privacy"),
+            "stopped": summary.get("stopped"),
         })
     else:
+        from server.privacy import summary_line
+
         f, i = summary["final"], summary["initial"]
         print(f"done in {summary['wall_seconds']:.0f} s: recall@1 {i['recall@1']:.3f} -> {f['recall@1']:.3f}, "
-              f"map@r {i['map@r']:.3f} -> {f['map@r']:.3f}; checkpoint {summary['checkpoint']}")
+              f"map@r {i['map@r']:.3f} -> {f['map@r']:.3f}; checkpoint {summary['checkpoint']}"
+              f"{summary_line(summary)}")
     return 0
 
 
@@ -227,7 +235,7 @@ def register(sub) -> None:
                     "before training), RUN/checkpoints/round-XXXX, RUN/summary.json and RUN/flower.log.",
         epilog="examples:\n  fedcbir simulate --sample --clients 4 --frameworks torch,tf,jax "
                "--profiles rpi4,rpi5,jetson-nano-cpu --rounds 3 --partition dirichlet:0.3 --out runs/fl1\n"
-               "  fedcbir simulate --sample --clients 50 --set fraction-train=0.1 --ray-address 10.0.0.5:6379 "
+               "  fedcbir simulate --sample --clients 50 --set clients-per-round=5 --ray-address 10.0.0.5:6379 "
                "--out runs/fl50",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

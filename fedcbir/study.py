@@ -54,6 +54,10 @@ from fedcbir.errors import FedcbirError
 
 FRAMEWORKS = ("torch", "tf", "jax")
 MIXED = "mixed"
+#: The "no pretraining" arm: MobileNetV3-Small from random weights, all of it trained, with the
+#: settings it was tuned with (its own learning rate, batch, FedBN).
+SCRATCH = (("arch", "mobilenetv3-small"), ("lr", 0.002), ("products-per-batch", 8), ("bn-policy", "local"),
+           ("input-size", 0), ("embedding-dim", 0), ("train-from", -1))
 RUNTIMES = ("simulation", "inprocess")
 DEFAULT_TARGET = 0.10
 FORMAT = "fedcbir-study"
@@ -120,10 +124,11 @@ def _log(msg: str) -> None:
 @dataclass(frozen=True)
 class Planned:
     """One federation of the study."""
-    label: str  # a framework or "mixed"
+    label: str  # a framework, "mixed", or "scratch-<framework>"
     frameworks: str  # run-config "frameworks" (comma list)
     seed: int
     run_dir: Path
+    overrides: tuple[tuple[str, Any], ...] = ()  # run-config keys of this federation type only
 
     @property
     def name(self) -> str:
@@ -225,19 +230,24 @@ def federation_run_config(base: Mapping[str, Any], fed: Planned) -> dict[str, An
     from server.runconfig import RunConfig
 
     rc = dict(base)
+    rc.update(dict(fed.overrides))
     rc.update({"frameworks": fed.frameworks, "seed": fed.seed, "out": str(fed.run_dir.resolve()),
                "client-state-dir": str((fed.run_dir / "client-state").resolve())})
     return RunConfig.from_flower(rc).to_flower()
 
 
-def plan(frameworks: Sequence[str], seeds: Sequence[int], out: Path, mixed: bool = True) -> list[Planned]:
+def plan(frameworks: Sequence[str], seeds: Sequence[int], out: Path, mixed: bool = True,
+         scratch: str | None = None) -> list[Planned]:
     """Seed-major order (every federation type of seed s before seed s+1), so a study cut
-    short still holds complete comparisons."""
-    labels = [(fw, fw) for fw in frameworks]
+    short still holds complete comparisons.  ``scratch``: one framework that also trains the
+    from-scratch MobileNetV3-Small (what pretraining is worth)."""
+    labels = [(fw, fw, ()) for fw in frameworks]
     if mixed and len(frameworks) > 1:
-        labels.append((MIXED, ",".join(frameworks)))
+        labels.append((MIXED, ",".join(frameworks), ()))
+    if scratch:
+        labels.append((f"scratch-{scratch}", scratch, SCRATCH))
     runs = out / "runs"
-    return [Planned(label, fws, int(s), runs / f"{label}-s{int(s)}") for s in seeds for label, fws in labels]
+    return [Planned(label, fws, int(s), runs / f"{label}-s{int(s)}", ov) for s in seeds for label, fws, ov in labels]
 
 
 def precheck_partitions(catalog: Path, base: Mapping[str, Any], seeds: Iterable[int], clients: int) -> dict:
@@ -425,7 +435,20 @@ def federation_stats(rows: Sequence[Mapping[str, Any]], target: float) -> dict[s
                      "peak_rss_mb": max(frss) if frss else None,
                      "client_train_seconds": _mean(c.get("host_seconds") for c in mine),
                      "client_process_seconds": _mean(c.get("process_seconds") for c in mine),
-                     "client_simulated_seconds": _mean(c.get("simulated_seconds") for c in mine)}
+                     "client_simulated_seconds": _mean(c.get("simulated_seconds") for c in mine),
+                     # where a client's time goes (host seconds; see edge_client.app)
+                     "build_seconds": _mean(c.get("build_seconds") for c in mine),
+                     "first_step_seconds": _mean(c.get("first_step_seconds") for c in mine),
+                     "first_step_seconds_round1": _mean(c.get("first_step_seconds") for r in train
+                                                        if int(r["round"]) == 1 for c in (r.get("clients") or [])
+                                                        if c.get("status") == "ok" and str(c.get("framework")) == fw),
+                     "first_step_seconds_later": _mean(c.get("first_step_seconds") for r in train
+                                                       if int(r["round"]) > 1 for c in (r.get("clients") or [])
+                                                       if c.get("status") == "ok" and str(c.get("framework")) == fw),
+                     "steady_step_seconds": _mean(c.get("steady_step_seconds") for c in mine),
+                     "cache_hit_rate": _ratio(sum(_num(c.get("cache_hits")) or 0 for c in mine),
+                                              sum((_num(c.get("cache_hits")) or 0) + (_num(c.get("cache_misses")) or 0)
+                                                  for c in mine))}
     final, first = rows[-1], rows[0]
     pick = ("recall@1", "recall@5", "recall@10", "map@r")
     return {
@@ -446,6 +469,9 @@ def federation_stats(rows: Sequence[Mapping[str, Any]], target: float) -> dict[s
         "bytes_per_round": _mean((_num(r.get("bytes_up")) or 0) + (_num(r.get("bytes_down")) or 0) for r in train),
         "client_status": status,
         "by_framework": by_fw,
+        # device-level DP (run config dp): epsilon after the last round, at its delta; None without DP
+        "epsilon": _num((final.get("dp") or {}).get("epsilon")) if final.get("dp") else None,
+        "dp_delta": (final.get("dp") or {}).get("delta"),
     }
 
 
@@ -454,6 +480,10 @@ SEED_METRICS = ("final_recall@1", "final_map@r", "final_recall@5", "initial_reca
                 "simulated_seconds_per_round", "host_seconds_per_round", "client_train_seconds",
                 "client_process_seconds", "peak_rss_mb", "bytes_per_round", "bytes_up_per_round",
                 "bytes_down_per_round", "wall_seconds")
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
 
 
 def _flat(stats: Mapping[str, Any]) -> dict[str, Any]:
@@ -499,7 +529,9 @@ def aggregate(stats_by_seed: Mapping[int, Mapping[str, Any]], target: float) -> 
         got = [stats_by_seed[s]["by_framework"][fw] for s in seeds if fw in stats_by_seed[s]["by_framework"]]
         out["by_framework"][fw] = {k: mean_std(g.get(k) for g in got)
                                    for k in ("peak_rss_mb", "client_train_seconds", "client_process_seconds",
-                                             "client_simulated_seconds")}
+                                             "client_simulated_seconds", "build_seconds", "first_step_seconds",
+                                             "first_step_seconds_round1", "first_step_seconds_later",
+                                             "steady_step_seconds", "cache_hit_rate")}
     return out
 
 
@@ -561,8 +593,13 @@ def _child(fn: str, job: Mapping[str, Any], timeout: float) -> dict[str, Any]:
         jf.write_text(json.dumps(dict(job, result=str(rf))), encoding="utf-8")
         code = f"import sys; from fedcbir.study import _child_main; sys.exit(_child_main({fn!r}, {str(jf)!r}))"
         try:
+            sys.stderr.fileno()
+            progress = sys.stderr
+        except (AttributeError, OSError, ValueError):  # a captured stream (tests): inherit ours
+            progress = None
+        try:
             proc = subprocess.run([sys.executable, "-c", code], env=flower_env(), timeout=timeout,
-                                  stdout=sys.stderr, stdin=subprocess.DEVNULL)  # its progress: on stderr
+                                  stdout=progress, stdin=subprocess.DEVNULL)  # its progress: on stderr
         except subprocess.TimeoutExpired:
             raise FedcbirError(f"{fn} did not finish within {timeout:.0f} s") from None
         res = _read_json(rf)
@@ -575,7 +612,9 @@ def _child(fn: str, job: Mapping[str, Any], timeout: float) -> dict[str, Any]:
 def _child_main(fn: str, job_file: str) -> int:
     job = json.loads(Path(job_file).read_text(encoding="utf-8"))
     try:
-        res = {"_export": _export_job, "_latency": _latency_job}[fn](job)
+        from fedcbir.study_device import device_eval_job
+
+        res = {"_export": _export_job, "_latency": _latency_job, "_device": device_eval_job}[fn](job)
     except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
         import traceback
 
@@ -804,6 +843,8 @@ def render_report(study: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         "- **peak RSS**: largest VmHWM of one client's child process (one framework each); "
         "**MB/round**: model bytes down + up summed over clients (same canonical arrays for every framework).",
         ""]
+    lines += _device_section(study, labels, fws)
+    lines += _cost_section(study, labels, fws)
     if plots.get("recall"):
         lines += [f"![Recall@1 per round]({plots['recall']})", ""]
     # per-round curve table
@@ -832,6 +873,13 @@ def render_report(study: Mapping[str, Any], plots: Mapping[str, str]) -> str:
                          f"{wall:.0f}" if wall else "–", p.get("run_state") or ""])
     lines += ["### Per seed", "", markdown_table(["federation", "seed", "Recall@1 start → end", "mAP@R",
                                                   "rounds to target", "client rounds", "wall s", "run"], rows)]
+    eps = [(lb, seed, p) for lb in labels for seed, p in res[lb]["per_seed"].items() if p.get("dp_delta")]
+    if eps:
+        lines += [f"Device-level differential privacy (run config `dp = {s.get('run_config', {}).get('dp', '?')}`; "
+                  "README \"Privacy\"): epsilon after the last round, " + "; ".join(
+                      f"{_label(lb, fws)} seed {seed}: "
+                      f"{'inf' if p.get('epsilon') is None else format(p['epsilon'], '.3g')} at delta {p['dp_delta']:g}"
+                      for lb, seed, p in eps) + ".", ""]
     for key, alt in (("seconds", "seconds per round"), ("rss", "peak RSS")):
         if plots.get(key):
             lines += [f"![{alt}]({plots[key]})", ""]
@@ -892,6 +940,70 @@ def render_report(study: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _device_section(study: Mapping[str, Any], labels: Sequence[str], fws: Sequence[str]) -> list[str]:
+    """Device-protocol accuracy (mean ± 95 % CI over seeds) and the paired framework tests."""
+    from fedcbir.report import markdown_table
+    from fedcbir.study_stats import fmt_ci
+
+    res = study["results"]
+    if not study.get("comparisons"):
+        return []
+    n = len(study["settings"]["seeds"])
+    rows = [[_label(lb, fws), fmt_ci(res[lb]["device"]["recall@1"]), fmt_ci(res[lb]["device"]["recall@5"]),
+             fmt_ci(res[lb]["device"]["recall@10"]),
+             ", ".join(f"{res[lb]['per_seed'][s]['device']['recall@1']:.3f}" for s in res[lb]["per_seed"])]
+            for lb in labels]
+    out = ["## Search quality on the device protocol", "",
+           f"Each final global model exported to fp32 TFLite, the whole catalog indexed with LiteRT (f16 usearch), "
+           f"`catalog-search eval`: queries = the test products' other photos, gallery = the main photos of every "
+           f"catalog product. Mean ± 95 % confidence half-width over {n} seeds (Student t, {n - 1} d.f.).", "",
+           markdown_table(["federation", "Recall@1", "Recall@5", "Recall@10", "Recall@1 per seed"], rows)]
+    rows = []
+    for key, what in (("device_recall@1", "device Recall@1"), ("server_recall@1", "server Recall@1")):
+        for pair, d in study["comparisons"][key].items():
+            a, b = pair.split("-", 1) if not pair.startswith("scratch-") else (pair, "")
+            p = d.get("p_value")
+            verdict = ("–" if p is None else ("differs (p < 0.05)" if d.get("significant") else "no difference shown"))
+            rows.append([what, pair.replace("-", " − ", 1) if not pair.startswith("scratch") else pair,
+                         fmt_ci(d), ", ".join(f"{x:+.3f}" for x in d.get("differences", [])),
+                         "–" if p is None else f"{p:.3f}", verdict])
+    out += ["### Paired differences between federation types (same seed = same split, partitions, initial weights)",
+            "", markdown_table(["metric", "a − b", "mean ± 95 % CI", "per seed", "paired t-test p", "verdict"],
+                               rows),
+            "With few seeds only large differences can show; \"no difference shown\" is not proof of equality.", ""]
+    return out
+
+
+def _cost_section(study: Mapping[str, Any], labels: Sequence[str], fws: Sequence[str]) -> list[str]:
+    """Where a client's time goes, per framework (host seconds, mean over clients, rounds and seeds)."""
+    from fedcbir.report import markdown_table
+
+    res = study["results"]
+    rows = []
+    for lb in labels:
+        for fw, d in res[lb]["aggregate"]["by_framework"].items():
+            if d.get("steady_step_seconds", {}).get("mean") is None:
+                continue
+            proc, train = d["client_process_seconds"]["mean"], d["client_train_seconds"]["mean"]
+            build = d["build_seconds"]["mean"]
+            rows.append([_label(lb, fws), fw, _fmt(d["client_process_seconds"], 1), _fmt(d["build_seconds"], 1),
+                         f"{max(0.0, (proc or 0) - (build or 0) - (train or 0)):.1f}" if proc else "–",
+                         _fmt(d["first_step_seconds_round1"], 2), _fmt(d["first_step_seconds_later"], 2),
+                         _fmt(d["steady_step_seconds"], 3), _fmt(d["client_train_seconds"], 1),
+                         _fmt(d["cache_hit_rate"], 2), _fmt(d["peak_rss_mb"], 0)])
+    if not rows:
+        return []
+    return ["## Where a device's time goes (host seconds per client and round)", "",
+            markdown_table(["federation", "client framework", "whole process", "import + build",
+                            "interpreter + data", "first step, round 1", "first step, later rounds",
+                            "steady step", "training loop", "trunk cache hit rate", "peak RSS MB"], rows),
+            "- **import + build**: framework import and model construction in the fresh client process; "
+            "**first step**: tracing (TF) / XLA compilation (JAX; later rounds read XLA's persistent compilation "
+            "cache on disk, which is what a real device can keep between rounds) plus the frozen trunk of its "
+            "batch; **steady step**: median of the other steps (trunk output from the cache when hit).",
+            ""]
 
 
 def _export_seconds(export: Mapping[str, Any]) -> float:
@@ -982,6 +1094,9 @@ def canonical_command(args: argparse.Namespace) -> str:
               "--target-recall", f"{args.target_recall:g}", "--runtime", args.runtime]
     if args.no_mixed:
         parts.append("--no-mixed")
+    parts += ["--scratch-arm", args.scratch_arm or "none"]
+    if args.no_device_eval:
+        parts.append("--no-device-eval")
     if args.no_export:
         parts.append("--no-export")
     else:
@@ -1007,7 +1122,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     catalog = resolve_catalog(args)
     base = base_run_config(args, catalog)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    feds = plan(frameworks, seeds, out, mixed=not args.no_mixed)
+    scratch = None if args.scratch_arm in ("", "none") else parse_frameworks(args.scratch_arm)[0]
+    feds = plan(frameworks, seeds, out, mixed=not args.no_mixed, scratch=scratch)
     rcs = {f.name: federation_run_config(base, f) for f in feds}
     for f in feds:  # settings conflicts before any work
         run_state(f.run_dir, rcs[f.name])
@@ -1057,7 +1173,25 @@ def cmd_study(args: argparse.Namespace) -> int:
             per_seed[f.seed] = st
         results[label] = {"frameworks": mine[0].frameworks.split(","), "per_seed": per_seed,
                           "aggregate": aggregate(per_seed, args.target_recall)}
-    same_init = all(len({results[lb]["per_seed"][s]["initial_weights"] for lb in labels}) == 1 for s in seeds)
+    same_init = all(len({results[lb]["per_seed"][s]["initial_weights"] for lb in labels
+                         if not lb.startswith("scratch-")}) == 1 for s in seeds)
+    comparisons = None
+    if not args.no_device_eval:
+        from fedcbir.study_device import device_eval
+        from fedcbir.study_stats import ci95, pairwise
+
+        for f in feds:
+            results[f.label]["per_seed"][f.seed]["device"] = device_eval(f.name, f.run_dir, catalog, f.seed, out, log)
+        for label in labels:
+            ps = results[label]["per_seed"]
+            results[label]["device"] = {k: ci95(ps[s]["device"][k] for s in ps) for k in ("recall@1", "recall@5",
+                                                                                         "recall@10")}
+        comparisons = {
+            "device_recall@1": pairwise({lb: {s: results[lb]["per_seed"][s]["device"]["recall@1"]
+                                              for s in results[lb]["per_seed"]} for lb in labels}, labels),
+            "server_recall@1": pairwise({lb: {s: results[lb]["per_seed"][s]["final"]["recall@1"]
+                                              for s in results[lb]["per_seed"]} for lb in labels}, labels),
+        }
     schemas = {f.name: client_schema(read_rows(f.run_dir / "metrics.jsonl")) for f in feds}
 
     export = None
@@ -1100,7 +1234,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         "data": {str(k): v for k, v in data.items()},
         "tolerance": {"runtime": args.runtime, **tol},
         "initial_weights_identical": same_init, "labels": labels,
-        "results": results, "export": export, "repeat_check": repeat, "notes": notes,
+        "results": results, "comparisons": comparisons, "export": export, "repeat_check": repeat, "notes": notes,
         "host": _host_info(),
         "federation_wall_seconds": sum(p.get("wall_seconds") or 0.0 for r in results.values()
                                        for p in r["per_seed"].values()),
@@ -1212,6 +1346,12 @@ def register(sub) -> None:
     p.add_argument("--views", type=int, metavar="V", help="photos per sample product (default 6)")
     p.add_argument("--frameworks", default="torch,tf,jax", help="frameworks to compare (default torch,tf,jax)")
     p.add_argument("--no-mixed", action="store_true", help="skip the mixed-framework federation")
+    p.add_argument("--scratch-arm", default="torch", metavar="FRAMEWORK",
+                   help="also federate the from-scratch MobileNetV3-Small with this framework, to show what "
+                        "pretraining is worth (default torch; 'none' to skip)")
+    p.add_argument("--no-device-eval", action="store_true",
+                   help="skip the device-protocol accuracy (each final model exported to TFLite, the whole "
+                        "catalog indexed with LiteRT, catalog-search eval; ~1 min per federation)")
     p.add_argument("--seeds", type=int, default=3, metavar="N", help="number of seeds (default 3)")
     p.add_argument("--first-seed", type=int, default=0, metavar="S", help="seeds S..S+N-1 (default 0)")
     p.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")

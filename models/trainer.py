@@ -235,6 +235,7 @@ class Trainer:
             raise FedcbirError("epochs > 1 needs a re-iterable batch source, not an iterator")
         steps = examples = 0
         tot = sup = ce = 0.0
+        step_times: list[float] = []
         t0 = time.perf_counter()
         c0 = time.process_time()
         done = False
@@ -244,9 +245,11 @@ class Trainer:
                     done = True
                     break
                 x, labels, types = unpack_batch(batch, self.spec.input_size)
+                ts = time.perf_counter()
                 if self.train_from:
                     x = self.trunk(x, getattr(batch, "keys", None))
                 a, b, c = self._train_step(x, labels, types)
+                step_times.append(time.perf_counter() - ts)
                 if not np.isfinite(a):
                     raise FedcbirError(f"training diverged (loss {a}) at step {steps + 1}")
                 tot, sup, ce = tot + a, sup + b, ce + c
@@ -263,6 +266,9 @@ class Trainer:
             "examples": examples, "steps": steps, "seconds": seconds, "cpu_seconds": cpu_seconds,
             "peak_rss_mb": peak_rss_mb(), "threads": thread_info(),
             "cache_hits": self.cache.hits, "cache_misses": self.cache.misses,
+            # the first step includes tracing / compilation; the others are the steady cost
+            "first_step_seconds": step_times[0] if step_times else 0.0,
+            "steady_step_seconds": float(np.median(step_times[1:])) if len(step_times) > 1 else 0.0,
         }
 
     def trunk(self, x: np.ndarray, keys=None) -> np.ndarray:

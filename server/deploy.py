@@ -73,6 +73,9 @@ def _precheck(rc: dict[str, Any]) -> None:
     root = cfg.catalog_root()
     if not root.is_dir():
         raise FedcbirError(f"catalog {root} does not exist")
+    from server.privacy import precheck
+
+    precheck(rc, cfg.min_nodes, " with --min-clients")
 
 
 def authorized_keys(directory: str | None) -> list[Path]:
@@ -297,9 +300,12 @@ def serve(rc: dict[str, Any], *, host: str, port: int, certs_dir: str | None, in
         raise FedcbirError(f"run {run_id} ended {status.get('status')}: {status.get('status-details', '')}\n"
                            f"{tail(out / 'flower.log', 25)}")
     final = out / "checkpoints" / f"round-{total:04d}.json"
-    if not (out / "summary.json").is_file() or not final.is_file():
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8")) \
+        if (out / "summary.json").is_file() else {}
+    if summary.get("stopped"):  # the privacy budget ended the run early: its last round is final
+        final = out / "checkpoints" / f"round-{int(summary.get('rounds', 0)):04d}.json"
+    if not summary or not final.is_file():
         raise FedcbirError(f"run {run_id} completed but {final} or summary.json is missing")
-    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     summary.update(wall_seconds=time.perf_counter() - t0, flower_run_id=run_id,
                    superlink_pid=dep.link.pid if dep.link is not None else None)
     return summary
@@ -324,11 +330,15 @@ def cmd_server(args: argparse.Namespace) -> int:
         return code
     if args.json:
         print_json({k: summary.get(k) for k in ("final", "initial", "best", "client_status_counts", "out",
-                                                "checkpoint", "wall_seconds", "flower_run_id", "resumed_from")})
+                                                "checkpoint", "wall_seconds", "flower_run_id", "resumed_from",
+                                                "privacy", "stopped")})
     else:
+        from server.privacy import summary_line
+
         f, i = summary["final"], summary["initial"]
         print(f"done in {summary['wall_seconds']:.0f} s: recall@1 {i['recall@1']:.3f} -> {f['recall@1']:.3f}, "
-              f"map@r {i['map@r']:.3f} -> {f['map@r']:.3f}; checkpoint {summary['checkpoint']}", flush=True)
+              f"map@r {i['map@r']:.3f} -> {f['map@r']:.3f}; checkpoint {summary['checkpoint']}"
+              f"{summary_line(summary)}", flush=True)
     return 0
 
 

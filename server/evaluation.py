@@ -29,6 +29,15 @@ class ServerEvaluator:
     def _gallery_batches(self, batch_size: int = 32):
         return self.evaluator.gallery_batches(batch_size)  # read from disk batch by batch
 
+    def recalibrated_bn_stats(self, weights: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        """BN running statistics ``names`` of ``weights`` re-estimated on the gallery images
+        (the catalog's main photos: public data). Under DP they never travel, so a model
+        trained from scratch gets them here (``server.federation``)."""
+        self.trainer.set_weights(weights)
+        self.trainer.recalibrate_bn(self._gallery_batches())
+        w = self.trainer.get_weights()
+        return {n: w[n] for n in names}
+
     def evaluate(self, weights: Mapping[str, np.ndarray]) -> dict[str, Any]:
         t0 = time.perf_counter()
         self.trainer.set_weights(weights)

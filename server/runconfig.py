@@ -28,6 +28,9 @@ from typing import Any, Mapping
 from fedcbir.errors import FedcbirError
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedtrimmedavg", "krum")
+DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
+DP_STRATEGIES = ("fedavg", "fedprox")  # plain (weighted) averaging: the sensitivity analysis of DP-FedAvg holds
+ACCOUNTANTS = ("rdp", "pld")
 FRAMEWORK_CODES = {"torch": 0, "tf": 1, "jax": 2}
 ISOLATION = ("process", "inline")
 
@@ -62,7 +65,6 @@ DEFAULTS: dict[str, Any] = {
     "krum-malicious": 0,  # Krum: assumed number of malicious nodes
     "fp16-upload": False,
     "realtime": False,
-    "fraction-train": 1.0,  # share of the connected nodes sampled for training each round (seeded)
     "fraction-evaluate": 1.0,  # share of nodes running local (client-side) evaluation
     "eval-framework": "torch",  # server-side evaluation framework
     "round-timeout": 3600.0,  # seconds a round waits for replies
@@ -74,6 +76,15 @@ DEFAULTS: dict[str, Any] = {
     "resume": False,
     "client-isolation": "process",  # process = a fresh child process per message | inline
     "client-state-dir": "",  # where clients also persist FedBN tensors (survives --resume)
+    "clients-per-round": 0,  # devices sampled per round; 0 = every connected device (under DP: expected number)
+    "dp": "off",  # off | server-fixed | client-fixed | server-adaptive | client-adaptive (server.privacy)
+    "dp-clip": 0.05,  # clipping norm of a device's update (adaptive: the initial norm); README "Privacy"
+    "dp-noise": 1.0,  # noise multiplier z: Gaussian noise std = z x clip on the sum of updates
+    "dp-delta": 1e-5,  # the delta at which epsilon is reported
+    "dp-accountant": "rdp",  # rdp | pld (dp-accounting)
+    "dp-quantile": 0.5,  # adaptive clipping: target share of unclipped updates
+    "dp-count-stddev": 0.0,  # adaptive clipping: noise std of the clipped-count query; 0 = devices per round / 20
+    "target-epsilon": 0.0,  # privacy budget: refuse to start / stop before exceeding it; 0 = none
 }
 
 
@@ -108,7 +119,6 @@ class RunConfig:
     krum_malicious: int
     fp16_upload: bool
     realtime: bool
-    fraction_train: float
     fraction_evaluate: float
     eval_framework: str
     round_timeout: float
@@ -120,6 +130,15 @@ class RunConfig:
     resume: bool
     client_isolation: str
     client_state_dir: str
+    clients_per_round: int
+    dp: str
+    dp_clip: float
+    dp_noise: float
+    dp_delta: float
+    dp_accountant: str
+    dp_quantile: float
+    dp_count_stddev: float
+    target_epsilon: float
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any] | None = None, **overrides: Any) -> "RunConfig":
@@ -172,7 +191,6 @@ class RunConfig:
                 krum_malicious=int(raw["krum-malicious"]),
                 fp16_upload=as_bool("fp16-upload"),
                 realtime=as_bool("realtime"),
-                fraction_train=float(raw["fraction-train"]),
                 fraction_evaluate=float(raw["fraction-evaluate"]),
                 eval_framework=normalize_framework(raw["eval-framework"]),
                 round_timeout=float(raw["round-timeout"]),
@@ -184,6 +202,15 @@ class RunConfig:
                 resume=as_bool("resume"),
                 client_isolation=str(raw["client-isolation"]),
                 client_state_dir=str(raw["client-state-dir"]),
+                clients_per_round=int(raw["clients-per-round"]),
+                dp=str(raw["dp"]).strip().lower(),
+                dp_clip=float(raw["dp-clip"]),
+                dp_noise=float(raw["dp-noise"]),
+                dp_delta=float(raw["dp-delta"]),
+                dp_accountant=str(raw["dp-accountant"]).strip().lower(),
+                dp_quantile=float(raw["dp-quantile"]),
+                dp_count_stddev=float(raw["dp-count-stddev"]),
+                target_epsilon=float(raw["target-epsilon"]),
             )
         except (TypeError, ValueError) as exc:
             raise FedcbirError(f"invalid run config: {exc}") from None
@@ -214,8 +241,6 @@ class RunConfig:
             bad("bn-policy must be local or shared")
         if not 0.0 <= self.fraction_evaluate <= 1.0:
             bad("fraction-evaluate must be in [0, 1]")
-        if not 0.0 < self.fraction_train <= 1.0:
-            bad("fraction-train must be in (0, 1]")
         if self.round_timeout <= 0 or self.wait_nodes_timeout < 0:
             bad("round-timeout must be > 0 and wait-nodes-timeout >= 0")
         if self.outlier_factor <= 1 or self.max_update_ratio <= 0:
@@ -226,6 +251,49 @@ class RunConfig:
             bad("trim-beta must be in [0, 0.5)")
         if self.prox_mu < 0 or self.server_lr <= 0 or self.krum_malicious < 0:
             bad("prox-mu >= 0, server-lr > 0 and krum-malicious >= 0 are required")
+        if self.clients_per_round < 0:
+            bad("clients-per-round must be >= 0 (0 = every connected device)")
+        self._check_dp(bad)
+
+    def _check_dp(self, bad) -> None:
+        import math
+
+        if self.dp not in DP_MODES:
+            bad(f"dp {self.dp!r}: choose one of {', '.join(DP_MODES)}")
+        if not (math.isfinite(self.target_epsilon) and self.target_epsilon >= 0):
+            bad(f"target-epsilon must be >= 0 (0 = no budget), got {self.target_epsilon:g}")
+        if self.dp == "off":
+            if self.target_epsilon > 0:
+                bad("target-epsilon needs differential privacy: set dp (e.g. dp=server-fixed)")
+            return
+        if not (math.isfinite(self.dp_noise) and self.dp_noise >= 0):
+            bad(f"dp-noise (the noise multiplier) must be >= 0, got {self.dp_noise:g}")
+        if not (math.isfinite(self.dp_clip) and self.dp_clip > 0):
+            bad(f"dp-clip (the clipping norm) must be > 0, got {self.dp_clip:g}")
+        if not 0.0 < self.dp_delta < 1.0:
+            bad(f"dp-delta must be in (0, 1), got {self.dp_delta:g}")
+        if self.dp_accountant not in ACCOUNTANTS:
+            bad(f"dp-accountant {self.dp_accountant!r}: choose one of {', '.join(ACCOUNTANTS)}")
+        if self.strategy not in DP_STRATEGIES:
+            bad(f"dp needs strategy fedavg or fedprox (an average whose sensitivity to one device is "
+                f"clip / devices per round), not {self.strategy}")
+        if self.clients_per_round < 1:
+            bad("dp needs clients-per-round >= 1 (the expected number of devices per round: each device "
+                "takes part with probability clients-per-round / connected devices)")
+        if self.dp.startswith("client-") and self.fp16_upload:
+            bad(f"dp={self.dp} clips on the device: fp16-upload would round the clipped update after "
+                "clipping; use server-side clipping with fp16-upload")
+        if self.target_epsilon > 0 and self.dp_noise == 0:
+            bad("target-epsilon needs dp-noise > 0 (without noise epsilon is infinite)")
+        if self.dp.endswith("-adaptive"):
+            if not 0.0 <= self.dp_quantile <= 1.0:
+                bad("dp-quantile must be in [0, 1]")
+            if self.dp_count_stddev < 0:
+                bad("dp-count-stddev must be >= 0 (0 = devices per round / 20)")
+            count_std = self.dp_count_stddev or self.clients_per_round / 20
+            if self.dp_noise > 0 and self.dp_noise >= 2 * count_std:
+                bad(f"dp={self.dp}: dp-noise {self.dp_noise:g} needs dp-count-stddev > {self.dp_noise / 2:g} "
+                    f"(it is {count_std:g}; 0 means clients-per-round / 20)")
 
     # ------------------------------------------------------------------ derived
     def to_flower(self) -> dict[str, Any]:
@@ -266,10 +334,16 @@ class RunConfig:
 
     def shared_names(self, spec) -> list[str]:
         """What travels between server and devices and is averaged: the trained part
-        (without its BN tensors under FedBN)."""
+        (without its BN tensors under FedBN; under DP never the BN running statistics,
+        which are not parameters but averages of the device's activations: they would
+        escape clipping's bound, and noise would make variances negative)."""
+        from models import canonical
         from models.api import shared_names
 
-        return shared_names(spec, self.bn_policy, self.trained_from())
+        names = shared_names(spec, self.bn_policy, self.trained_from())
+        if self.dp != "off":
+            names = [n for n in names if not canonical.is_bn_stat(n)]
+        return names
 
     def train_config(self, prox_mu: float = 0.0):
         from models.api import TrainConfig
@@ -290,7 +364,13 @@ class RunConfig:
         keep = ("strategy", "catalog", "partition", "seed", "test_fraction", "arch", "train_from", "width",
                 "input_size", "embedding_dim", "type_head", "bn_policy", "frameworks", "profiles")
         d = asdict(self)
-        return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in keep}
+        out = {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in keep}
+        # added only when set, so that runs from before these keys still resume
+        if self.clients_per_round:
+            out["clients_per_round"] = self.clients_per_round
+        if self.dp != "off":  # what travels (no BN statistics) and the privacy ledger depend on it
+            out.update(dp=self.dp, dp_delta=self.dp_delta, dp_accountant=self.dp_accountant)
+        return out
 
     def fingerprint_digest(self) -> str:
         return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]

@@ -21,6 +21,12 @@ fedprox, fedadam, fedtrimmedavg, krum) and builds a subclass of it with
    running means/variances makes no sense).
 
 ``last_report`` holds one dict per reply for the round loop (``server.federation``).
+
+``clients-per-round > 0`` trains a seeded sample of that many connected nodes per round
+(``_sample``). Under differential privacy (run config ``dp``) ``server.privacy`` builds a
+subclass (``PrivateMixin``) that overrides the hooks ``_sample`` (Poisson), ``_rejections``
+(per-update rules only), ``_clean_metrics`` (equal weights) and ``_aggregate_accepted``
+(Flower's DP wrapper clips, averages and adds noise).
 """
 from __future__ import annotations
 
@@ -74,10 +80,54 @@ class ValidatingMixin:
     reference: dict[str, np.ndarray] | None = None
     last_report: list[dict[str, Any]]
 
+    clients_per_round: int = 0
+    seed: int = 0
+    _norms: dict[int, float]
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
         self.reference = {k: np.asarray(v, np.float32) for k, v in to_numpy(arrays).items()}
         self.last_report = []
+        nodes = sorted(int(n) for n in grid.get_node_ids())
+        sample = self._sample(server_round, nodes)
+        if sample != nodes:
+            from server.privacy import SampledGrid
+
+            grid = SampledGrid(grid, sample)
         return super().configure_train(server_round, arrays, config, grid)
+
+    def _sample(self, server_round: int, node_ids: list[int]) -> list[int]:
+        """The nodes that train this round: ``clients-per-round`` of them, drawn with a seed of
+        (seed, round) so that a repeated run samples the same; all when 0 or too few."""
+        m = self.clients_per_round
+        if m <= 0 or m >= len(node_ids):
+            return node_ids
+        import random
+
+        from server.runconfig import derive_seed
+
+        return sorted(random.Random(derive_seed(self.seed, server_round)).sample(node_ids, m))
+
+    def _rejections(self, norms: dict[int, float]) -> dict[int, str]:
+        return validation.outliers(norms, validation.model_norm(self.reference), self.outlier_factor,
+                                   self.max_update_ratio)
+
+    def _clean_metrics(self, n: float, loss: float, metrics: dict[str, Any]) -> MetricRecord:
+        return MetricRecord({"num-examples": n, "loss": loss})
+
+    def _base_aggregate(self, server_round: int, replies: list[Message]):
+        return super().aggregate_train(server_round, replies)
+
+    def _aggregate_accepted(self, server_round: int, accepted: list[Message], errors: list[Message]):
+        if not accepted:
+            self._base_aggregate(server_round, errors)  # lets Flower log the failures
+            return None, None
+        agg, agg_metrics = self._base_aggregate(server_round, accepted + errors)
+        if agg is None:
+            return None, agg_metrics
+        weights = {k: np.asarray(v, dtype=np.float32) for k, v in to_numpy(agg).items()}
+        if isinstance(self, FedAdam):
+            weights.update(_weighted_bn_stats(accepted))
+        return to_record({k: weights[k] for k in self.reference}), agg_metrics
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = sorted(replies, key=_reply_order)
@@ -120,30 +170,26 @@ class ValidatingMixin:
             loss = float(loss) if not isinstance(loss, list) and np.isfinite(float(loss)) else 0.0
             candidates.append((msg, arrays, norm, entry))
             entry["_clean"] = (float(n), loss)
-        bad = validation.outliers({i: c[2] for i, c in enumerate(candidates)},
-                                  validation.model_norm(self.reference), self.outlier_factor, self.max_update_ratio)
+        bad = self._rejections({i: c[2] for i, c in enumerate(candidates)})
         accepted: list[Message] = []
-        for i, (msg, arrays, _norm, entry) in enumerate(candidates):
+        self._norms = {}
+        for i, (msg, arrays, norm, entry) in enumerate(candidates):
             n, loss = entry.pop("_clean")
             if i in bad:
                 entry.update(status="rejected", reason=bad[i])
                 continue
+            try:
+                metrics = self._clean_metrics(n, loss, entry["metrics"])
+            except validation.Rejected as exc:
+                entry.update(status="rejected", reason=str(exc))
+                continue
             entry.update(status="ok", reason="")
-            msg.content = RecordDict({"arrays": to_record(arrays),
-                                      "metrics": MetricRecord({"num-examples": n, "loss": loss})})
+            msg.content = RecordDict({"arrays": to_record(arrays), "metrics": metrics})
+            self._norms[id(msg)] = norm
             accepted.append(msg)
         for entry in report:
             entry.pop("_clean", None)
-        if not accepted:
-            super().aggregate_train(server_round, errors)  # lets Flower log the failures
-            return None, None
-        agg, agg_metrics = super().aggregate_train(server_round, accepted + errors)
-        if agg is None:
-            return None, agg_metrics
-        weights = {k: np.asarray(v, dtype=np.float32) for k, v in to_numpy(agg).items()}
-        if isinstance(self, FedAdam):
-            weights.update(_weighted_bn_stats(accepted))
-        return to_record({k: weights[k] for k in self.reference}), agg_metrics
+        return self._aggregate_accepted(server_round, accepted, errors)
 
 
 def _weighted_bn_stats(accepted: list[Message]) -> dict[str, np.ndarray]:
@@ -168,7 +214,7 @@ def make_strategy(cfg: RunConfig):
     """The configured strategy (validated). Node minimums are 1: the round loop decides how
     many nodes to wait for, so Flower's ``sample_nodes`` never blocks."""
     base = BASES[cfg.strategy]
-    kw: dict[str, Any] = dict(fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
+    kw: dict[str, Any] = dict(fraction_train=1.0, fraction_evaluate=cfg.fraction_evaluate,
                               min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
     if base is FedProx:
         kw["proximal_mu"] = cfg.prox_mu
@@ -178,7 +224,14 @@ def make_strategy(cfg: RunConfig):
         kw["beta"] = cfg.trim_beta
     elif base is Krum:
         kw["num_malicious_nodes"] = cfg.krum_malicious
-    strategy = strategy_class(base)(**kw)
+    if cfg.dp == "off":
+        strategy = strategy_class(base)(**kw)
+    else:  # Flower's DP wrapper around the base, validated first (server.privacy)
+        from server.privacy import make_dp_strategy
+
+        strategy = make_dp_strategy(cfg, base, kw)
+    strategy.clients_per_round = cfg.clients_per_round
+    strategy.seed = cfg.seed
     strategy.outlier_factor = cfg.outlier_factor
     strategy.max_update_ratio = cfg.max_update_ratio
     strategy.last_report = []

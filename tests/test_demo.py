@@ -12,7 +12,7 @@ import pytest
 
 from fedcbir.cli import main
 
-TINY = ["--set", "arch=mobilenetv3-small", "--set", "lr=0.002", "--set", "bn-policy=local", "--set", "width=0.35", "--set", "input-size=32", "--set", "embedding-dim=32",
+TINY = ["--set", "arch=mobilenetv3-small", "--set", "bn-policy=local", "--set", "width=0.35", "--set", "input-size=32", "--set", "embedding-dim=32",
         "--set", "products-per-batch=4", "--set", "fraction-evaluate=0"]
 
 

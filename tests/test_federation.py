@@ -211,22 +211,6 @@ def test_federation_writes_metrics_checkpoints_summary(tiny_catalog, tmp_path):
         assert "fedbn" in ctx.state.array_records
 
 
-def test_fraction_train_samples_nodes_with_a_seed(tiny_catalog, tmp_path):
-    """6 nodes, fraction-train 0.5: 3 train per round, drawn from the run's seed (the same
-    run draws the same nodes; the draw changes between rounds)."""
-    rc = _rc(tiny_catalog, fraction_train=0.5, num_server_rounds=3, max_steps=1, partition="iid", profiles="host")
-    picks = []
-    for name in ("a", "b"):
-        _, summary, rows = _run(rc, tmp_path / name, nodes=6)
-        picks.append([sorted(c["partition"] for c in r["clients"]) for r in rows[1:]])
-        assert all(len(p) == 3 and r["accepted"] == 3 for p, r in zip(picks[-1], rows[1:]))
-        assert summary["client_status_counts"] == {"ok": 9}
-    assert picks[0] == picks[1]
-    assert len({tuple(p) for p in picks[0]}) > 1
-    with pytest.raises(Exception, match="fraction-train"):
-        _rc(tiny_catalog, fraction_train=0.0)
-
-
 def test_rejected_client_leaves_global_model_as_if_absent(tiny_catalog, tmp_path, monkeypatch):
     """Node 1 uploads a huge update: it is rejected, and the global model equals a run
     in which node 1 never answered."""

@@ -11,7 +11,7 @@ pytest.importorskip("flwr")
 
 from fedcbir import study as st  # noqa: E402
 
-TINY = ["--set", "arch=mobilenetv3-small", "--set", "lr=0.002", "--set", "bn-policy=local", "--set", "width=0.35", "--set", "input-size=32", "--set", "embedding-dim=32",
+TINY = ["--no-device-eval", "--scratch-arm", "none", "--set", "arch=mobilenetv3-small", "--set", "lr=0.002", "--set", "bn-policy=local", "--set", "width=0.35", "--set", "input-size=32", "--set", "embedding-dim=32",
         "--set", "products-per-batch=4", "--set", "fraction-evaluate=0"]
 
 
@@ -339,3 +339,42 @@ def test_real_study_on_the_simulation_runtime(tiny_catalog, tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({png})" in report
     assert not (out / "latency.png").exists() and s["export"] is None
     assert "simulation runtime" in report
+
+
+def test_scratch_arm_device_protocol_and_paired_statistics(tiny_catalog, tmp_path):
+    """Two seeds, torch + the from-scratch arm, in process: the scratch arm runs MobileNetV3-Small,
+    every final model is exported and evaluated on the device protocol (all products in the
+    gallery), and the report carries the paired comparison."""
+    out = tmp_path / "s"
+    tiny = [a for a in TINY if a not in ("--no-device-eval",)]
+    tiny[tiny.index("--scratch-arm") + 1] = "torch"
+    # the pretrained arm at a small size, the scratch arm with its own settings (tiny here)
+    args = ["--catalog", str(tiny_catalog), "--frameworks", "torch", "--seeds", "2", "--rounds", "1",
+            "--clients", "2", "--partition", "iid", "--runtime", "inprocess", "--no-export",
+            "--set", "client-isolation=inline", "--set", "max-steps=2", "--out", str(out)]
+    assert st.main(args + ["--set", "input-size=64", "--set", "embedding-dim=16", "--scratch-arm", "torch"]) == 0
+    study = json.loads((out / "study.json").read_text())
+    assert study["labels"] == ["torch", "scratch-torch"]
+    rc = json.loads((out / "runs" / "scratch-torch-s0" / "summary.json").read_text())["run_config"]
+    assert rc["arch"] == "mobilenetv3-small" and rc["bn-policy"] == "local"
+    for label in study["labels"]:
+        for seed, p in study["results"][label]["per_seed"].items():
+            d = p["device"]
+            assert d["gallery"] == 24 and d["queries"] > 0 and 0.0 <= d["recall@1"] <= 1.0
+        assert study["results"][label]["device"]["recall@1"]["n"] == 2
+    cmp_ = study["comparisons"]["device_recall@1"]["torch-scratch-torch"]
+    assert len(cmp_["differences"]) == 2 and "p_value" in cmp_
+    report = (out / "report.md").read_text()
+    assert "device protocol" in report and "Paired differences" in report and "Where a device's time goes" in report
+
+
+def test_study_statistics():
+    from fedcbir.study_stats import ci95, paired
+
+    c = ci95([0.5, 0.6, 0.7])
+    assert abs(c["mean"] - 0.6) < 1e-12 and abs(c["ci95"] - 4.302653 * 0.1 / 3 ** 0.5) < 1e-5
+    assert ci95([0.4])["ci95"] is None and ci95([])["mean"] is None
+    d = paired({0: 0.8, 1: 0.7, 2: 0.9}, {0: 0.5, 1: 0.45, 2: 0.6})
+    assert d["significant"] and d["p_value"] < 0.05 and abs(d["mean"] - 0.2833333) < 1e-6
+    same = paired({0: 0.5, 1: 0.5}, {0: 0.5, 1: 0.5})
+    assert same["p_value"] == 1.0 and not same["significant"]
