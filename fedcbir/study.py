@@ -237,13 +237,16 @@ def federation_run_config(base: Mapping[str, Any], fed: Planned) -> dict[str, An
 
 
 def plan(frameworks: Sequence[str], seeds: Sequence[int], out: Path, mixed: bool = True,
-         scratch: str | None = None) -> list[Planned]:
+         scratch: str | None = None, iid_mixed: bool = False) -> list[Planned]:
     """Seed-major order (every federation type of seed s before seed s+1), so a study cut
     short still holds complete comparisons.  ``scratch``: one framework that also trains the
-    from-scratch MobileNetV3-Small (what pretraining is worth)."""
+    from-scratch MobileNetV3-Small (what pretraining is worth).  ``iid_mixed``: the mixed
+    federation once more on an IID partition (what the label skew costs)."""
     labels = [(fw, fw, ()) for fw in frameworks]
     if mixed and len(frameworks) > 1:
         labels.append((MIXED, ",".join(frameworks), ()))
+        if iid_mixed:
+            labels.append((f"{MIXED}-iid", ",".join(frameworks), (("partition", "iid"),)))
     if scratch:
         labels.append((f"scratch-{scratch}", scratch, SCRATCH))
     runs = out / "runs"
@@ -782,7 +785,9 @@ def _fmt_rounds(rt: Mapping[str, Any]) -> str:
 
 
 def _label(label: str, frameworks: Sequence[str]) -> str:
-    return f"mixed ({'/'.join(frameworks)})" if label == MIXED else label
+    if label in (MIXED, f"{MIXED}-iid"):
+        return f"mixed ({'/'.join(frameworks)})" + (", IID" if label != MIXED else "")
+    return label
 
 
 def render_report(study: Mapping[str, Any], plots: Mapping[str, str]) -> str:
@@ -963,10 +968,9 @@ def _device_section(study: Mapping[str, Any], labels: Sequence[str], fws: Sequen
     rows = []
     for key, what in (("device_recall@1", "device Recall@1"), ("server_recall@1", "server Recall@1")):
         for pair, d in study["comparisons"][key].items():
-            a, b = pair.split("-", 1) if not pair.startswith("scratch-") else (pair, "")
             p = d.get("p_value")
             verdict = ("–" if p is None else ("differs (p < 0.05)" if d.get("significant") else "no difference shown"))
-            rows.append([what, pair.replace("-", " − ", 1) if not pair.startswith("scratch") else pair,
+            rows.append([what, f"{d['a']} − {d['b']}" if "a" in d else pair,
                          fmt_ci(d), ", ".join(f"{x:+.3f}" for x in d.get("differences", [])),
                          "–" if p is None else f"{p:.3f}", verdict])
     out += ["### Paired differences between federation types (same seed = same split, partitions, initial weights)",
@@ -1094,6 +1098,8 @@ def canonical_command(args: argparse.Namespace) -> str:
               "--target-recall", f"{args.target_recall:g}", "--runtime", args.runtime]
     if args.no_mixed:
         parts.append("--no-mixed")
+    if getattr(args, "iid_mixed", False):
+        parts.append("--iid-mixed")
     parts += ["--scratch-arm", args.scratch_arm or "none"]
     if args.no_device_eval:
         parts.append("--no-device-eval")
@@ -1123,7 +1129,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     base = base_run_config(args, catalog)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     scratch = None if args.scratch_arm in ("", "none") else parse_frameworks(args.scratch_arm)[0]
-    feds = plan(frameworks, seeds, out, mixed=not args.no_mixed, scratch=scratch)
+    feds = plan(frameworks, seeds, out, mixed=not args.no_mixed, scratch=scratch, iid_mixed=args.iid_mixed)
     rcs = {f.name: federation_run_config(base, f) for f in feds}
     for f in feds:  # settings conflicts before any work
         run_state(f.run_dir, rcs[f.name])
@@ -1346,6 +1352,9 @@ def register(sub) -> None:
     p.add_argument("--views", type=int, metavar="V", help="photos per sample product (default 6)")
     p.add_argument("--frameworks", default="torch,tf,jax", help="frameworks to compare (default torch,tf,jax)")
     p.add_argument("--no-mixed", action="store_true", help="skip the mixed-framework federation")
+    p.add_argument("--iid-mixed", action="store_true",
+                   help="also run the mixed federation on an IID partition (label 'mixed-iid'), to show what "
+                        "the --partition skew costs")
     p.add_argument("--scratch-arm", default="torch", metavar="FRAMEWORK",
                    help="also federate the from-scratch MobileNetV3-Small with this framework, to show what "
                         "pretraining is worth (default torch; 'none' to skip)")

@@ -65,7 +65,7 @@ def paired(a: Mapping[int, Any], b: Mapping[int, Any]) -> dict[str, Any]:
 
 def pairwise(per_label: Mapping[str, Mapping[int, Any]], labels: Sequence[str]) -> dict[str, Any]:
     """``paired`` for every two labels (in the given order): ``{"a-b": {...}}``."""
-    return {f"{x}-{y}": paired(per_label[x], per_label[y]) for x, y in combinations(labels, 2)
+    return {f"{x}-{y}": dict(paired(per_label[x], per_label[y]), a=x, b=y) for x, y in combinations(labels, 2)
             if x in per_label and y in per_label}
 
 
