@@ -64,7 +64,7 @@ def run_one(args, catalog: Path, out: Path, fp16: bool) -> dict[str, Any]:
     }).to_flower()
     t0 = time.perf_counter()
     if args.runtime == "simulation":
-        from fedcbir.simulate import simulate
+        from server.simulation import simulate
 
         summary = simulate(rc, args.clients)
     else:
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
-    from fedcbir.cli import quiet_environment
+    from common.cli import quiet_environment
 
     quiet_environment()
     with tempfile.TemporaryDirectory(prefix="fedcbir-bench-") as tmp:

@@ -45,7 +45,7 @@ def measure(size: int, root: Path, work: Path, epochs: int = 4) -> dict:
     from device_profiles import Emulator, load_profile
     from export.bundle import ExportOptions, export_bundle
     from export.runtime import load_embedder, open_bundle
-    from fedcbir.io import stderr_to
+    from common.io import stderr_to
     from models import canonical
     from models.api import TrainConfig, make_trainer
     from models.checkpoint import save_checkpoint
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
            "protocol": "device: int8 TFLite on LiteRT, f16 usearch index of all 300 products",
            "local_epochs_per_round": 4, "rows": rows}
     if args.out:
-        from fedcbir.io import write_json_atomic
+        from common.io import write_json_atomic
 
         write_json_atomic(args.out, rep)
     if args.json:

@@ -50,7 +50,7 @@ def _settings(args, catalog: Path, z: float | None, out: Path) -> dict[str, Any]
 
 def _device_eval(checkpoint: Path, catalog: Path, work: Path, seed: int) -> dict[str, Any]:
     from export.bundle import ExportOptions, export_bundle
-    from fedcbir.io import stderr_to
+    from common.io import stderr_to
     from retrieval.index import build_catalog_index
     from retrieval.search import Searcher, evaluate
 
@@ -108,7 +108,7 @@ def run_one(args, catalog: Path, name: str, z: float | None, say) -> dict[str, A
 
 
 def table(results: list[dict[str, Any]], device_eval: bool) -> str:
-    from fedcbir.report import markdown_table
+    from common.report import markdown_table
 
     def eps(r):
         if r["noise_multiplier"] is None:
@@ -188,7 +188,7 @@ def _title(doc: dict[str, Any]) -> str:
 
 def combine(paths: list[str], out: Path) -> int:
     """One table and one plot from several sweeps' ``privacy.json`` (same federation settings)."""
-    from fedcbir.io import write_text_atomic
+    from common.io import write_text_atomic
 
     docs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
     results = [r for d in docs for r in d["results"]]
@@ -203,8 +203,8 @@ def combine(paths: list[str], out: Path) -> int:
 
 
 def main(argv=None) -> int:
-    from fedcbir.errors import FedcbirError
-    from fedcbir.io import print_json, write_json_atomic, write_text_atomic
+    from common.errors import FedcbirError
+    from common.io import print_json, write_json_atomic, write_text_atomic
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.privacy", description=__doc__.split("\n\n")[0])
     p.add_argument("--sample", action="store_true", help="the built-in sample catalog (default)")

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedcbir.io import write_json_atomic
+from common.io import write_json_atomic
 
 HERE = Path(__file__).resolve().parent
 SKIP = {"__init__", "run_all"}
@@ -98,7 +98,7 @@ def ratio_rows(results: dict[str, Any]) -> list[list[str]]:
 
 
 def ratio_table(results: dict[str, Any]) -> str:
-    from fedcbir.report import markdown_table
+    from common.report import markdown_table
 
     header = ["benchmark", "candidate", "measured", "ratio", "goal"]
     return markdown_table(header, ratio_rows(results))
@@ -106,7 +106,7 @@ def ratio_table(results: dict[str, Any]) -> str:
 
 def update_readme(table: str, readme: Path) -> bool:
     """Replace the text between the bench markers; False if the markers are missing."""
-    from fedcbir.io import write_text_atomic
+    from common.io import write_text_atomic
 
     text = readme.read_text(encoding="utf-8")
     if START not in text or END not in text:
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.table_only:
         write_json_atomic(out, results)
     table = ratio_table(results)
-    from fedcbir.io import write_text_atomic
+    from common.io import write_text_atomic
 
     write_text_atomic(HERE / "results.md", "# Benchmark ratios (`make bench`)\n\n" + table)
     print(table)

@@ -204,7 +204,7 @@ def step_serve(ctx) -> dict:
 
 
 def run_step(name: str, ctx: dict) -> dict:
-    from fedcbir.memory import vm_hwm_mb
+    from common.memory import vm_hwm_mb
 
     fn = {"read": step_read, "partitions": step_partitions, "training_data": step_training_data,
           "export": step_export, "index": lambda c: _index(c, False), "update": lambda c: _index(c, True),
@@ -275,7 +275,7 @@ def change_listings(root: Path, fraction: float = 0.01, seed: int = 0) -> dict:
 
 def run_size(products: int, views: int, work: Path, args, log) -> dict:
     from catalog.sample import generate_sample
-    from fedcbir.memory import vm_hwm_mb  # noqa: F401  (fails early where /proc is missing)
+    from common.memory import vm_hwm_mb  # noqa: F401  (fails early where /proc is missing)
 
     work.mkdir(parents=True, exist_ok=True)
     root = work / "catalog"
@@ -358,7 +358,7 @@ def summarize(sizes: list[dict]) -> list[dict]:
 
 
 def markdown(result: dict) -> str:
-    from fedcbir.report import markdown_table
+    from common.report import markdown_table
 
     sizes = result["sizes"]
     header = ["step"] + [f"{s['products']:,} products ({s['images']:,} photos): s / ms per photo / peak MB"

@@ -36,6 +36,8 @@ import subprocess
 import sys
 import time
 
+from export.int8check import cpu_info
+
 DEFAULT_VARIANTS = ["torch:channels_last", "tf:default", "jax:shift"]
 ALL_VARIANTS = ["torch:channels_last", "torch:contiguous", "tf:default", "jax:shift",
                 "jax:shift_autodiff", "jax:shift/lax1x1", "jax:lax"]
@@ -63,7 +65,7 @@ def worker(variant: str, args) -> None:
     from models.api import TrainConfig, make_trainer
     from models.optim import OptimConfig
     from models.threads import thread_info
-    from fedcbir.memory import peak_rss_mb
+    from common.memory import peak_rss_mb
 
     spec = _spec(args)
     x, labels, types = parity.synthetic_batch(spec.input_size, args.products, args.photos, 0)
@@ -190,19 +192,8 @@ def run_all(args) -> dict:
         "results": results,
         "slowest_over_fastest_default": (slowest_default / fastest_default
                                          if defaults else None),
-        "cpu": _cpu_name(),
+        "cpu": cpu_info()["model"],
     }
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def print_table(rep: dict) -> None:
@@ -257,7 +248,7 @@ def main(argv=None) -> int:
         return 0
     rep = run_all(args)
     if args.out:
-        from fedcbir.io import write_json_atomic
+        from common.io import write_json_atomic
 
         write_json_atomic(args.out, rep)
     if args.json:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator, Sequence
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 
 IMAGES_CSV = PurePosixPath("images/metadata/images.csv.gz")
 IMAGES_DIR = PurePosixPath("images/small")

@@ -42,9 +42,9 @@ from PIL import Image
 
 from catalog.abo import IMAGES_DIR, Product
 from catalog.images import DEFAULT_PREPROCESS, ImageError, Preprocess, load_image, normalize, to_uint8
-from fedcbir.errors import FedcbirError
-from fedcbir.progress import progress_bar
-from fedcbir.io import atomic_path
+from common.errors import FedcbirError
+from common.progress import progress_bar
+from common.io import atomic_path
 
 CACHE_FORMAT = 2  # 1 = one .npz read back whole (before the tables moved to disk)
 _MAX_READ = 1 << 30  # bytes per pread call (Linux caps one read at ~2 GiB)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 
 _FMT = argparse.RawDescriptionHelpFormatter
 
@@ -92,7 +92,7 @@ def _hist(d: dict, top: int = 6) -> str:
 
 def _info(args: argparse.Namespace) -> int:
     from catalog.abo import catalog_info
-    from fedcbir.io import print_json
+    from common.io import print_json
 
     info = catalog_info(args.root)
     if args.json:
@@ -122,7 +122,7 @@ def _sample(args: argparse.Namespace) -> int:
     import sys
 
     from catalog.sample import generate_sample
-    from fedcbir.io import print_json
+    from common.io import print_json
 
     stats = generate_sample(args.out, products=args.products, views=args.views, seed=args.seed,
                             progress=sys.stderr.isatty())
@@ -137,7 +137,7 @@ def _sample(args: argparse.Namespace) -> int:
 def _partitions(args: argparse.Namespace) -> int:
     from catalog.abo import load_products
     from catalog.splits import partition, partition_summary, split_products
-    from fedcbir.io import print_json
+    from common.io import print_json
 
     products = load_products(args.root)
     if not products:

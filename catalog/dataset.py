@@ -13,8 +13,8 @@ from typing import Sequence
 from catalog.abo import AboCatalog, Product
 from catalog.images import DEFAULT_PREPROCESS, Preprocess
 from catalog.splits import partition, split_products
-from fedcbir.errors import FedcbirError
-from fedcbir.io import cache_dir
+from common.errors import FedcbirError
+from common.io import cache_dir
 
 
 @dataclass

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image, ImageOps
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

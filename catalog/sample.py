@@ -40,8 +40,8 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageOps
 
 from catalog import _shapes as shapes
 from catalog.abo import IMAGES_CSV, IMAGES_DIR, LISTINGS_DIR, SAMPLE_MARKER, CatalogError, read_sample_marker
-from fedcbir.io import atomic_path, write_json_atomic
-from fedcbir.progress import progress_bar
+from common.io import atomic_path, write_json_atomic
+from common.progress import progress_bar
 
 GENERATOR = "fedcbir catalog sample"
 FORMAT_VERSION = 1
@@ -690,7 +690,7 @@ def generate_sample(out: str | Path, products: int = 300, views: int = 6, seed: 
 
 
 def default_sample_path(products: int = 300, views: int = 6, seed: int = 0) -> Path:
-    from fedcbir.io import cache_dir
+    from common.io import cache_dir
 
     return cache_dir() / f"sample-v{FORMAT_VERSION}-{products}x{views}-seed{seed}"
 

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from catalog.abo import UNKNOWN_TYPE, Product
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 
 SCHEMES = ("iid", "dirichlet:ALPHA", "country")
 

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 
 from .calibration import calibration_path, describe, load_or_calibrate
 from .profiles import list_profiles, load_profile

@@ -44,8 +44,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fedcbir.errors import FedcbirError
-from fedcbir.io import cache_dir, write_json_atomic
+from common.errors import FedcbirError
+from common.io import cache_dir, write_json_atomic
 
 #: Bump when the reference workload or the scoring changes: old caches are then ignored.
 CALIBRATION_VERSION = 2

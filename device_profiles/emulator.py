@@ -35,8 +35,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from fedcbir.errors import FedcbirError
-from fedcbir.memory import peak_rss_mb, vm_hwm_mb
+from common.errors import FedcbirError
+from common.memory import peak_rss_mb, vm_hwm_mb
 
 from .calibration import PI4_HPL_GFLOPS, HostCalibration, load_or_calibrate
 from .limits import (  # re-exported: helpers for the client process

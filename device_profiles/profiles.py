@@ -18,7 +18,7 @@ A profile file (see the built-in ``device_profiles/*.toml``) holds::
     notes                                 string
     [sources]                             one citation string per numeric field
 
-Every problem is reported as one :class:`~fedcbir.errors.FedcbirError` line naming
+Every problem is reported as one :class:`~common.errors.FedcbirError` line naming
 the file and the field.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 
 BUILTIN_DIR = Path(__file__).resolve().parent
 PROFILE_SUFFIX = ".toml"

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from fedcbir.cli import run
+from common.cli import run
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 
 FRAMEWORK_MODULES = {"torch": "torch", "tf": "tensorflow", "jax": "jax"}
 GRACEFUL_CODES = (0, 1, 2, 3)  # Flower: success, SIGINT, SIGQUIT, SIGTERM
@@ -143,8 +143,8 @@ class JoinOptions:
 def check_options(o: JoinOptions) -> None:
     """Everything that can be checked here, before any process starts."""
     from device_profiles import load_profile
-    from fedcbir.certs import read_private_key, read_root_certificates
-    from fedcbir.flower import parse_address
+    from common.certs import read_private_key, read_root_certificates
+    from common.flower import parse_address
 
     parse_address(o.superlink, "--superlink")
     if o.insecure and o.root_certificates:
@@ -208,7 +208,7 @@ class _Attempt:
 
     def __init__(self, cmd: list[str], env: dict[str, str], cwd: Path, log_file, echo: Callable[[str], None],
                  verbose: bool, trains: dict[str, int], on_connect: Callable[[str], None] = lambda node: None):
-        from fedcbir.flower import ManagedProcess
+        from common.flower import ManagedProcess
 
         self.node_id: str | None = None
         self.connected = threading.Event()
@@ -285,7 +285,7 @@ class _Attempt:
 
 
 def supernode_command(o: JoinOptions, node_config_file: Path, port: int) -> list[str]:
-    from fedcbir.flower import tool
+    from common.flower import tool
 
     cmd = [tool("flower-supernode"), "--superlink", o.superlink, "--max-retries", str(o.max_retries),
            "--node-config", str(node_config_file), "--host", "127.0.0.1", "--port", str(port)]
@@ -303,7 +303,7 @@ def join(o: JoinOptions, say: Callable[[str], None] = print) -> int:
     import tempfile
 
     from device_profiles import remove_cgroup
-    from fedcbir.flower import flower_env, free_port, toml_value
+    from common.flower import flower_env, free_port, toml_value
 
     check_options(o)
     home = Path(tempfile.mkdtemp(prefix="fedcbir-edge-"))
@@ -418,7 +418,7 @@ def _sleep_unless(stop: dict[str, int], seconds: float) -> None:
 def keygen(directory: str | os.PathLike, name: str | None, say: Callable[[str], None] = print) -> int:
     import socket
 
-    from fedcbir.certs import generate_device_key
+    from common.certs import generate_device_key
 
     name = name or socket.gethostname() or "device"
     priv, pub = generate_device_key(directory, name)

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 from server.runconfig import RunConfig, derive_seed
 
 _SPLITS: dict[tuple, Any] = {}
@@ -195,7 +195,7 @@ class Node:
         d = self._state_dir()
         if d is None:
             return
-        from fedcbir.io import atomic_path
+        from common.io import atomic_path
 
         d.mkdir(parents=True, exist_ok=True)
         dest = d / f"partition-{self.partition:05d}-round-{server_round:05d}.npz"
@@ -270,7 +270,7 @@ def child_env() -> dict[str, str]:
     # XLA's persistent compilation cache: a JAX client compiles its train step once per
     # host, not once per round (a device keeps such a cache on its disk as well)
     if "JAX_COMPILATION_CACHE_DIR" not in env:
-        from fedcbir.io import cache_dir
+        from common.io import cache_dir
 
         env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir() / "xla-cache")
         env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

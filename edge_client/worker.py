@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fedcbir.memory import peak_rss_mb
+from common.memory import peak_rss_mb
 
 ANCHOR_PREFIX = "anchor/"
 _TRAINERS: dict[tuple, Any] = {}
@@ -57,7 +57,7 @@ def products_from_json(rows) -> list:
 def _table(job: Mapping[str, Any], key: str):
     from catalog.batches import ImageTable
     from catalog.images import Preprocess
-    from fedcbir.io import cache_dir
+    from common.io import cache_dir
 
     return ImageTable.load(job["catalog"], products_from_json(job[key]), Preprocess.from_dict(job["pre"]),
                            progress=False, cache_dir=cache_dir() / "images", type_names=job["type_names"])
@@ -85,7 +85,7 @@ def _activation_cache_file(job: Mapping[str, Any], trainer, table) -> Path | Non
     architecture, preprocessing, the photos in table order, the augmentation seed and views."""
     import hashlib
 
-    from fedcbir.io import cache_dir
+    from common.io import cache_dir
 
     if not trainer.train_from or not int(job.get("views", 0)) or trainer.cache.max_bytes <= 0:
         return None

@@ -25,9 +25,9 @@ import numpy as np
 
 from export.manifest import (FILE_NAMES, FORMAT, MANIFEST, REFERENCE_FILE, RUNTIMES, SCHEMA_VERSION,
                              dist_version, exporter_versions, sha256_file)
-from fedcbir import __version__
-from fedcbir.errors import FedcbirError
-from fedcbir.io import write_json_atomic
+from common import __version__
+from common.errors import FedcbirError
+from common.io import write_json_atomic
 
 FORMATS = ("tflite", "onnx", "pte")
 QUANTIZATIONS = ("fp16", "int8")

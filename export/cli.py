@@ -23,8 +23,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from fedcbir.errors import FedcbirError
-from fedcbir.io import print_json
+from common.errors import FedcbirError
+from common.io import print_json
 
 DESCRIPTION = """\
 Export a checkpoint to a bundle folder for on-device search, or verify a bundle.
@@ -228,12 +228,12 @@ def _log_path(args, bundle, what: str) -> Path:
 @contextmanager
 def chatter_to(path: Path) -> Iterator[Callable[[str], None]]:
     """The runtimes' and converters' own messages go to ``path`` while the block runs: file
-    descriptor 2 (C++ libraries: fedcbir.io.stderr_to) and Python's ``sys.stderr`` (Python
+    descriptor 2 (C++ libraries: common.io.stderr_to) and Python's ``sys.stderr`` (Python
     warnings, and ExecuTorch's pybindings, which log ``[threadpool.cpp:66] ...`` through
     it).  Yields ``say(msg)``, which still reaches the terminal (or whatever ``sys.stderr``
     was before, e.g. under pytest).  The file is kept only when something was written; the
     last line names it."""
-    from fedcbir.io import stderr_to
+    from common.io import stderr_to
 
     path = Path(path)
     old = sys.stderr
@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from fedcbir.cli import run
+    from common.cli import run
 
     return run(build_parser(), argv)
 

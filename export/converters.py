@@ -74,7 +74,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from export.reference import export_spec, flax_function, keras_model, torch_module
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 from models.spec import ArchSpec
 
 INPUT_NAME = "image"

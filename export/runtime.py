@@ -39,7 +39,7 @@ import numpy as np
 
 from export.manifest import (FORMAT, MANIFEST, PRECISIONS, RUNTIME_FORMAT, RUNTIMES, SCHEMA_VERSION,
                              dist_version, sha256_file, version_at_least)
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 
 RUNTIME_NAMES = tuple(RUNTIME_FORMAT)  # ("litert", "onnx", "pte")
 

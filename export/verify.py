@@ -42,7 +42,7 @@ import numpy as np
 from export.bundle import (FP16_MIN_COS, FP32_MAX_ABS, FP32_MIN_COS, INT8_CONFIDENCE, INT8_MAX_RECALL_DROP,
                            compare, resolve_catalog)
 from export.manifest import REFERENCE_FILE
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 
 INT8_QUERIES = 2000  # query photos for the int8 rule (test products first, then training products)
 UNDECIDED = "not enough queries"

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 
 DEVICES = (("torch", "rpi4"), ("tf", "rpi5"), ("jax", "jetson-nano-cpu"))
 _FLAGGED = {"catalog": "--catalog/--sample", "num-server-rounds": "--rounds", "local-epochs": "--local-epochs",
@@ -99,8 +99,8 @@ class Stage:
 def federate(settings: DemoSettings, catalog: Path, out: Path, say,
              reused: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Stage 1: reuse, resume or run the federation; returns its summary."""
-    from fedcbir.flower import read_rows, round_line
-    from fedcbir.simulate import simulate
+    from common.flower import read_rows, round_line
+    from server.simulation import simulate
     from server.federation import run_folder_state
 
     rc = settings.run_config(catalog, out)
@@ -137,9 +137,9 @@ def export(settings: DemoSettings, checkpoint: Path, catalog: Path, bundle: Path
             man["verify"] = old["result"]
             return man
     from export.verify import verify_bundle
-    from fedcbir.io import write_json_atomic
+    from common.io import write_json_atomic
 
-    from fedcbir.io import stderr_to
+    from common.io import stderr_to
 
     with stderr_to(bundle.parent / "export.log"):
         res = verify_bundle(bundle, catalog=catalog, log=lambda m: say(f"  {m}"))
@@ -171,7 +171,7 @@ def _export(settings: DemoSettings, checkpoint: Path, catalog: Path, bundle: Pat
             return manifest
         say(f"{bundle} holds another model: exporting again")
         _remove_tree(bundle)
-    from fedcbir.io import stderr_to
+    from common.io import stderr_to
 
     opts = ExportOptions(formats=settings.formats, quantize=settings.quantize, int8_formats=settings.int8_formats,
                          calibration=str(catalog),
@@ -277,7 +277,7 @@ def _mb(n) -> str:
 
 
 def plots(rows: list[dict[str, Any]], out: Path) -> dict[str, str]:
-    from fedcbir.report import grouped_bars, line_plot
+    from common.report import grouped_bars, line_plot
 
     xs = [r["round"] for r in rows]
     line_plot(out / "recall_per_round.png",
@@ -311,7 +311,7 @@ def _thumb(path: str, size: int = 128) -> str:
 
 
 def results_html(found: dict[str, Any], out: Path) -> Path:
-    from fedcbir.io import write_text_atomic
+    from common.io import write_text_atomic
 
     cards = []
     for e in found["examples"]:
@@ -368,8 +368,8 @@ def _privacy_md(fed: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
 
 
 def report_md(result: dict[str, Any], rows: list[dict[str, Any]], out: Path) -> Path:
-    from fedcbir.io import write_text_atomic
-    from fedcbir.report import markdown_table
+    from common.io import write_text_atomic
+    from common.report import markdown_table
 
     s, fed, man, found = result["settings"], result["federation"], result["bundle"], result["search"]
     header, table = _device_table(rows)
@@ -430,8 +430,8 @@ def report_md(result: dict[str, Any], rows: list[dict[str, Any]], out: Path) -> 
 
 def run_demo(out: Path, catalog: Path, settings: DemoSettings, *, fresh: bool = False,
              say: Callable[[str], None] = print) -> dict[str, Any]:
-    from fedcbir.flower import read_rows
-    from fedcbir.io import write_json_atomic
+    from common.flower import read_rows
+    from common.io import write_json_atomic
 
     out = out.expanduser().resolve()
     if fresh:
@@ -469,7 +469,7 @@ def run_demo(out: Path, catalog: Path, settings: DemoSettings, *, fresh: bool = 
 
 
 def print_summary(result: dict[str, Any], say) -> None:
-    from fedcbir.report import markdown_table
+    from common.report import markdown_table
 
     header, table = _device_table(result["rounds"])
     say("\n== summary (per round: global recall; each device's simulated training seconds and peak memory)")
@@ -498,7 +498,7 @@ def _precheck(catalog: Path, settings: DemoSettings) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fedcbir.io import print_json
+    from common.io import print_json
     from models.centralized import _resolve_catalog
 
     if args.rounds < 1 or args.local_epochs < 1 or args.queries < 1:

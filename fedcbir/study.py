@@ -27,7 +27,7 @@ Re-running with the same ``--out`` reuses every finished federation whose settin
 resumes an interrupted one from its last checkpoint (bit-identical with the in-process runtime),
 so an interrupted study continues where it stopped; a run folder with other settings is an error.
 
-Runtimes: ``simulation`` (default) is Flower's simulation runtime (``fedcbir.simulate``: own
+Runtimes: ``simulation`` (default) is Flower's simulation runtime (``server.simulation``: own
 SuperLink, Ray, one CPU per client); ``inprocess`` drives the same ServerApp round loop
 (``server.federation.Federation``) over ``server.inprocess.InProcessGrid``, which calls the same
 ClientApp in this process (each client's work still runs in a fresh child process unless
@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 
 FRAMEWORKS = ("torch", "tf", "jax")
 MIXED = "mixed"
@@ -311,8 +311,8 @@ def run_federation(fed: Planned, rc: dict[str, Any], clients: int, runtime: str,
     total = int(rc["num-server-rounds"])
     t0 = time.perf_counter()
     if runtime == "simulation":
-        from fedcbir.flower import round_line
-        from fedcbir.simulate import simulate
+        from common.flower import round_line
+        from server.simulation import simulate
 
         simulate(rc, clients, on_row=lambda row: log(f"  {fed.name} {round_line(row, total)}"))
     else:
@@ -336,7 +336,7 @@ def run_federation(fed: Planned, rc: dict[str, Any], clients: int, runtime: str,
     prev_wall = (previous or {}).get("wall_seconds") or 0.0
     info = {"wall_seconds": wall + prev_wall, "runtime": runtime, "clients": clients,
             "resumed": state == "resume", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    from fedcbir.io import write_json_atomic
+    from common.io import write_json_atomic
 
     write_json_atomic(info_file, info)
     summary = json.loads((fed.run_dir / "summary.json").read_text(encoding="utf-8"))
@@ -542,7 +542,7 @@ def compare_runs(a: Path, b: Path) -> dict[str, Any]:
     """Differences between two run folders of the same settings (reproducibility check)."""
     import numpy as np
 
-    from fedcbir.flower import read_rows
+    from common.flower import read_rows
     from models.checkpoint import load_checkpoint
     from server.federation import latest_checkpoint
 
@@ -589,7 +589,7 @@ def within_tolerance(diff: Mapping[str, Any], tol: Mapping[str, Any]) -> bool:
 def _child(fn: str, job: Mapping[str, Any], timeout: float) -> dict[str, Any]:
     """Run ``fedcbir.study.<fn>(job)`` in a fresh Python (thread limits and CPU pinning must
     be set before a framework starts; the study process itself stays light)."""
-    from fedcbir.flower import flower_env
+    from common.flower import flower_env
 
     with tempfile.TemporaryDirectory(prefix="fedcbir-study-") as tmp:
         jf, rf = Path(tmp) / "job.json", Path(tmp) / "result.json"
@@ -623,7 +623,7 @@ def _child_main(fn: str, job_file: str) -> int:
 
         traceback.print_exc()
         res = {"error": f"{type(exc).__name__}: {exc}"}
-    from fedcbir.io import write_json_atomic
+    from common.io import write_json_atomic
 
     write_json_atomic(job["result"], res)
     return 0
@@ -674,7 +674,8 @@ def _latency_job(job: Mapping[str, Any]) -> dict[str, Any]:
     from models.threads import set_threads
 
     info = set_threads(1, pin=True)  # before any framework import
-    from benchmarks.inference import _cpu_name, build_candidates, measure
+    from export.int8check import cpu_info
+    from export.latency import build_candidates, measure
     from export.runtime import open_bundle
     from models import parity
 
@@ -697,7 +698,7 @@ def _latency_job(job: Mapping[str, Any]) -> dict[str, Any]:
                      "min_ms": float(t.min())})
     return {"latency": rows, "config": {"batch": 1, "threads": 1, "repeats": int(job["repeats"]),
                                         "warmup": int(job["warmup"]), "interleaved": True,
-                                        "pinned_cpus": info.get("cpu_affinity"), "cpu": _cpu_name(),
+                                        "pinned_cpus": info.get("cpu_affinity"), "cpu": cpu_info()["model"],
                                         "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg())}}
 
 
@@ -737,7 +738,7 @@ def export_and_measure(feds_by_fw: Mapping[str, Planned], out: Path, repeats: in
         log(f"measuring batch-1 latency ({repeats} interleaved calls per candidate, one pinned thread)")
         lat = _child("_latency", {"bundles": {fw: e["bundle"] for fw, e in exported.items()}, "repeats": repeats,
                                   "warmup": warmup}, timeout=1800)
-        from fedcbir.io import write_json_atomic
+        from common.io import write_json_atomic
 
         write_json_atomic(cache, {"key": key, "result": lat})
     per_fw: dict[str, Any] = {}
@@ -791,7 +792,7 @@ def _label(label: str, frameworks: Sequence[str]) -> str:
 
 
 def render_report(study: Mapping[str, Any], plots: Mapping[str, str]) -> str:
-    from fedcbir.report import markdown_table
+    from common.report import markdown_table
 
     s = study["settings"]
     target = s["target_recall"]
@@ -949,7 +950,7 @@ def render_report(study: Mapping[str, Any], plots: Mapping[str, str]) -> str:
 
 def _device_section(study: Mapping[str, Any], labels: Sequence[str], fws: Sequence[str]) -> list[str]:
     """Device-protocol accuracy (mean ± 95 % CI over seeds) and the paired framework tests."""
-    from fedcbir.report import markdown_table
+    from common.report import markdown_table
     from fedcbir.study_stats import fmt_ci
 
     res = study["results"]
@@ -982,7 +983,7 @@ def _device_section(study: Mapping[str, Any], labels: Sequence[str], fws: Sequen
 
 def _cost_section(study: Mapping[str, Any], labels: Sequence[str], fws: Sequence[str]) -> list[str]:
     """Where a client's time goes, per framework (host seconds, mean over clients, rounds and seeds)."""
-    from fedcbir.report import markdown_table
+    from common.report import markdown_table
 
     res = study["results"]
     rows = []
@@ -1025,7 +1026,7 @@ def _data_line(data: Mapping[Any, Mapping[str, Any]]) -> str:
 
 
 def make_plots(study: Mapping[str, Any], out: Path) -> dict[str, str]:
-    from fedcbir.report import grouped_bars, line_plot
+    from common.report import grouped_bars, line_plot
 
     s = study["settings"]
     res = study["results"]
@@ -1116,9 +1117,9 @@ def canonical_command(args: argparse.Namespace) -> str:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from fedcbir.io import print_json, write_json_atomic
-    from fedcbir.flower import read_rows
-    from fedcbir.io import write_text_atomic
+    from common.io import print_json, write_json_atomic
+    from common.flower import read_rows
+    from common.io import write_text_atomic
 
     check_args(args)
     frameworks = parse_frameworks(args.frameworks)
@@ -1263,7 +1264,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def _summary_table(study: Mapping[str, Any]) -> str:
-    from fedcbir.report import markdown_table
+    from common.report import markdown_table
 
     fws = study["settings"]["frameworks"]
     rows = []
@@ -1392,7 +1393,7 @@ def register(sub) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m fedcbir.study [study] ...`` = ``fedcbir study ...``."""
-    from fedcbir.cli import run_one
+    from common.cli import run_one
 
     return run_one(register, "study", argv)
 

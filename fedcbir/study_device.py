@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 def device_eval_job(job: Mapping[str, Any]) -> dict[str, Any]:
     from export.bundle import ExportOptions, export_bundle
-    from fedcbir.io import stderr_to
+    from common.io import stderr_to
     from retrieval.index import build_catalog_index
     from retrieval.search import Searcher, evaluate
 
@@ -41,7 +41,7 @@ def device_eval_job(job: Mapping[str, Any]) -> dict[str, Any]:
 
 def device_eval(name: str, run_dir: Path, catalog: Path, seed: int, out: Path, log) -> dict[str, Any]:
     """The device-protocol numbers of one federation's final checkpoint (cached)."""
-    from fedcbir.io import write_json_atomic
+    from common.io import write_json_atomic
     from fedcbir.study import _child, _read_json
     from models.checkpoint import load_checkpoint
     from server.federation import latest_checkpoint

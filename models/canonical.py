@@ -24,7 +24,7 @@ from typing import Mapping
 
 import numpy as np
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 from models.spec import ArchSpec, ConvLayer, resolve
 
 BN_STATS = ("running_mean", "running_var")

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedcbir.errors import FedcbirError
-from fedcbir.io import append_jsonl, print_json, write_json_atomic
+from common.errors import FedcbirError
+from common.io import append_jsonl, print_json, write_json_atomic
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -60,7 +60,7 @@ def train(s: TrainSettings) -> dict[str, Any]:
     from catalog.dataset import CatalogSplit
     from catalog.batches import PKBatches
     from catalog.images import Preprocess
-    from fedcbir.progress import progress_bar
+    from common.progress import progress_bar
     from models.api import TrainConfig, make_trainer, normalize_framework
     from models.canonical import init_weights
     from models.checkpoint import load_checkpoint, save_checkpoint

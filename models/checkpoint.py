@@ -28,9 +28,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fedcbir import __version__
-from fedcbir.errors import FedcbirError
-from fedcbir.io import atomic_path, write_bytes_atomic
+from common import __version__
+from common.errors import FedcbirError
+from common.io import atomic_path, write_bytes_atomic
 from models import canonical
 from models.spec import ArchSpec
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from fedcbir.errors import FedcbirError
-from fedcbir.io import print_json
+from common.errors import FedcbirError
+from common.io import print_json
 
 
 def _spec_from_args(args):
@@ -152,7 +152,7 @@ def register(sub) -> None:
 
 
 def _standalone(argv=None) -> int:  # python -m models.cli ...
-    from fedcbir.cli import run
+    from common.cli import run
 
     parser = argparse.ArgumentParser(prog="fedcbir")
     register(parser.add_subparsers(dest="command"))

@@ -31,7 +31,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 
 OPTIMIZERS = ("sgd", "adamw")
 

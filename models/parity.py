@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 from models import canonical
 from models.optim import OptimConfig
 from models.spec import ArchSpec

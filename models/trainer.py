@@ -28,11 +28,11 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 from models import canonical
 from models.spec import ArchSpec
 from models.threads import thread_info
-from fedcbir.memory import peak_rss_mb
+from common.memory import peak_rss_mb
 
 
 def unpack_batch(batch: Any, input_size: int):
@@ -122,7 +122,7 @@ class ActivationCache:
     def save(self, path) -> None:
         """Write every row to ``path`` (.npz, atomically): a device keeps its frozen
         activations between rounds (each round's training runs in a fresh process)."""
-        from fedcbir.io import atomic_path
+        from common.io import atomic_path
 
         if not self.rows:
             return

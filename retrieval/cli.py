@@ -9,8 +9,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from fedcbir.cli import run
-from fedcbir.errors import FedcbirError
+from common.cli import run
+from common.errors import FedcbirError
 
 _FMT = argparse.RawDescriptionHelpFormatter
 RUNTIMES = ("litert", "onnx", "pte")
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _index(args) -> int:
-    from fedcbir.io import print_json
+    from common.io import print_json
     from retrieval.index import build_catalog_index
 
     report = build_catalog_index(args.bundle, args.catalog, runtime=args.runtime, precision=args.precision,
@@ -174,7 +174,7 @@ def _index(args) -> int:
 
 
 def _query(args) -> int:
-    from fedcbir.io import print_json
+    from common.io import print_json
     from retrieval.search import Searcher
 
     with Searcher(args.bundle, runtime=args.runtime, precision=args.precision, threads=args.threads) as s:
@@ -193,7 +193,7 @@ def _query(args) -> int:
 
 
 def _eval(args) -> int:
-    from fedcbir.io import print_json
+    from common.io import print_json
     from retrieval.search import Searcher, evaluate
 
     if not 0.0 < args.test_fraction < 1.0:
@@ -219,7 +219,7 @@ def _eval(args) -> int:
 
 
 def _info(args) -> int:
-    from fedcbir.io import print_json
+    from common.io import print_json
     from retrieval.index import describe_bundle
 
     info = describe_bundle(args.bundle)

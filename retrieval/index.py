@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 
 DTYPES = ("f16", "i8", "f32")
 METRIC = "cos"
@@ -170,7 +170,7 @@ class _VerifiedCache:
 
     @staticmethod
     def _file() -> Path:
-        from fedcbir.io import cache_dir
+        from common.io import cache_dir
 
         return cache_dir() / _VerifiedCache.NAME
 
@@ -195,7 +195,7 @@ class _VerifiedCache:
 
     @classmethod
     def add(cls, path: Path, st, sha256: str) -> None:
-        from fedcbir.io import write_json_atomic
+        from common.io import write_json_atomic
 
         doc = cls._read()
         doc.pop(os.fspath(path.resolve()), None)
@@ -597,7 +597,7 @@ class _Partial:
         return out
 
     def save(self, g: int, parts: list, photos: _CatalogPaths) -> None:
-        from fedcbir.io import atomic_path
+        from common.io import atomic_path
 
         r = self.segment_range(g)
         sizes = np.full(len(r), -1, np.int64)
@@ -669,7 +669,7 @@ def _publish(bundle, new_paths: dict[str, Path], entry: dict) -> None:
     """Record the new files in the manifest (atomic replace), then delete the previous ones."""
     from export.manifest import MANIFEST
     from export.runtime import read_manifest
-    from fedcbir.io import write_json_atomic
+    from common.io import write_json_atomic
 
     bundle_dir = Path(bundle.path)
     entry["files"] = {role: file_record(bundle_dir, p) for role, p in new_paths.items()}
@@ -726,7 +726,7 @@ def _build_locked(bundle, catalog_root, *, runtime, precision, dtype, update, th
     import time
 
     from catalog.abo import AboCatalog, IMAGES_DIR
-    from fedcbir.progress import progress_bar
+    from common.progress import progress_bar
     from retrieval.search import check_model, iter_embedded, load_model, model_record, preprocess_of
 
     t_start = time.perf_counter()
@@ -943,7 +943,7 @@ def _usearch_version() -> str | None:
 
 
 def _fedcbir_version() -> str:
-    from fedcbir import __version__
+    from common import __version__
 
     return __version__
 

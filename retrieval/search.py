@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 from retrieval.metrics import l2_normalize
 
 DEFAULT_K = 10
@@ -467,7 +467,7 @@ def evaluate(searcher: Searcher, catalog_root: str | os.PathLike, *, seed: int =
     total_ms, search_ms, skipped = [], [], []
     bar = None
     if progress:
-        from fedcbir.progress import progress_bar
+        from common.progress import progress_bar
 
         bar = progress_bar(True)
     task = None

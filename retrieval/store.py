@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 
 STORE_FORMAT = "fedcbir-catalog-store"
 STORE_VERSION = 1

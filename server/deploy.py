@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedcbir.errors import FedcbirError
-from fedcbir.flower import SuperLinkProcess
+from common.errors import FedcbirError
+from common.flower import SuperLinkProcess
 
 CONNECTION = "deploy"
 DEFAULT_PORT = 9092
@@ -79,7 +79,7 @@ def _precheck(rc: dict[str, Any]) -> None:
 
 
 def authorized_keys(directory: str | None) -> list[Path]:
-    from fedcbir.certs import read_public_key
+    from common.certs import read_public_key
 
     if not directory:
         raise FedcbirError("--require-auth needs --authorized-keys DIR (the devices' .pub files)")
@@ -153,8 +153,8 @@ class Deployment(SuperLinkProcess):
 
     def __init__(self, host: str, port: int, out: Path, *, certs=None, require_auth: bool = False,
                  say=print):
-        from fedcbir.certs import WILDCARDS
-        from fedcbir.flower import FlowerCLI
+        from common.certs import WILDCARDS
+        from common.flower import FlowerCLI
 
         self.host, self.port, self.out = host, int(port), out
         self.certs = certs
@@ -167,7 +167,7 @@ class Deployment(SuperLinkProcess):
         self.log_file = out / "superlink.log"
 
     def command(self) -> list[str]:
-        from fedcbir.flower import tool
+        from common.flower import tool
 
         cmd = [tool("flower-superlink")]
         if self.certs is None:
@@ -189,7 +189,7 @@ class Deployment(SuperLinkProcess):
         """Write RUN/.fedcbir-server.json: this session's processes (see :func:`stop_leftovers`)."""
         import os
 
-        from fedcbir.io import write_json_atomic
+        from common.io import write_json_atomic
 
         if self.link is None:
             return
@@ -210,8 +210,8 @@ def serve(rc: dict[str, Any], *, host: str, port: int, certs_dir: str | None, in
           advertise: list[str] | None, require_auth: bool, keys_dir: str | None, say=print,
           poll: float = 1.0) -> dict[str, Any]:
     """Run one deployment to the end; returns summary.json's content (plus server facts)."""
-    from fedcbir.certs import default_names, ensure_server_certs
-    from fedcbir.flower import (app_pyproject, port_in_use, read_rows, round_line, signals_as_exit, tail, toml_value,
+    from common.certs import default_names, ensure_server_certs
+    from common.flower import (app_pyproject, port_in_use, read_rows, round_line, signals_as_exit, tail, toml_value,
                                 watch_run)
     from server.runconfig import DEFAULTS, RunConfig
 
@@ -312,7 +312,7 @@ def serve(rc: dict[str, Any], *, host: str, port: int, certs_dir: str | None, in
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from fedcbir.io import print_json
+    from common.io import print_json
 
     rc = run_config_from_args(args)
     _precheck(rc)
@@ -384,7 +384,7 @@ def register(sub) -> None:
 
 
 def main(argv=None) -> int:  # python -m server.deploy ... = fedcbir server ...
-    from fedcbir.cli import run_one
+    from common.cli import run_one
 
     return run_one(register, "server", argv)
 

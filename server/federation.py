@@ -36,8 +36,8 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 from flwr.app import ConfigRecord, Message
 
-from fedcbir.errors import FedcbirError
-from fedcbir.io import append_jsonl, write_json_atomic
+from common.errors import FedcbirError
+from common.io import append_jsonl, write_json_atomic
 from server.runconfig import RunConfig
 from server.strategies import (make_strategy, optimizer_state, restore_optimizer_state, to_numpy, to_record)
 
@@ -438,7 +438,7 @@ class Federation:
         opt = optimizer_state(self.strategy)
         if opt:
             prefix.parent.mkdir(parents=True, exist_ok=True)
-            from fedcbir.io import atomic_path
+            from common.io import atomic_path
 
             with atomic_path(prefix.with_name(prefix.name + ".server-opt.npz"), suffix=".npz") as tmp:
                 with open(tmp, "wb") as f:

@@ -78,7 +78,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideAdaptiveClippi
                                      DifferentialPrivacyServerSideAdaptiveClipping,
                                      DifferentialPrivacyServerSideFixedClipping)
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 from server import validation
 from server.strategies import ValidatingMixin, to_numpy, to_record
 

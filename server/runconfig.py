@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedtrimmedavg", "krum")
 DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")

@@ -127,7 +127,7 @@ def test_reading_batches_does_not_grow_memory_with_the_table(tmp_path):
 import numpy as np
 from catalog.batches import DiskImages, ImageTable, PKBatches
 from catalog.images import Preprocess
-from fedcbir.memory import vm_hwm_mb
+from common.memory import vm_hwm_mb
 d = DiskImages.open({str(path)!r}, ({n}, {s}, {s}, 3))
 t = ImageTable(images=d, labels=np.arange({n}) // 4, types=np.zeros({n}, np.int64), paths=[""] * {n},
                item_ids=[str(i) for i in range({n} // 4)], type_names=["X"], pre=Preprocess(size={s}))

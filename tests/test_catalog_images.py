@@ -18,7 +18,7 @@ from catalog.images import (
     preprocess,
     to_uint8,
 )
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 
 
 def _save(path, im, fmt, **kw):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fedcbir.cli import main
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 from models.centralized import TrainSettings, train
 from models.checkpoint import load_checkpoint
 

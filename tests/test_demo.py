@@ -68,7 +68,7 @@ def demo_catalog(tmp_path_factory):
 
 
 def _demo(out: Path, catalog: Path, *extra: str) -> subprocess.CompletedProcess:
-    from fedcbir.flower import flower_env
+    from common.flower import flower_env
 
     return subprocess.run([str(Path(sys.executable).parent / "fedcbir"), "demo", "--out", str(out), "--catalog",
                            str(catalog), "--rounds", "2", "--local-epochs", "1", "--queries", "3", *TINY, *extra],

@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("cryptography")
 
-from fedcbir.errors import FedcbirError  # noqa: E402
+from common.errors import FedcbirError  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- certificates
@@ -25,7 +25,7 @@ from fedcbir.errors import FedcbirError  # noqa: E402
 def test_server_certs_are_made_once_verified_and_checked(tmp_path):
     from cryptography import x509
 
-    from fedcbir.certs import ensure_server_certs, verify_chain
+    from common.certs import ensure_server_certs, verify_chain
 
     d = tmp_path / "certs"
     c = ensure_server_certs(d, ["fleet.example.lan", "192.168.1.10"])
@@ -54,7 +54,7 @@ def test_server_certs_are_made_once_verified_and_checked(tmp_path):
 def test_openssl_accepts_the_chain(tmp_path):
     import shutil
 
-    from fedcbir.certs import ensure_server_certs
+    from common.certs import ensure_server_certs
 
     if not shutil.which("openssl"):
         pytest.skip("no openssl binary")
@@ -64,7 +64,7 @@ def test_openssl_accepts_the_chain(tmp_path):
 
 
 def test_wildcard_host_gets_this_machines_names():
-    from fedcbir.certs import default_names
+    from common.certs import default_names
 
     assert default_names("10.0.0.5") == ["10.0.0.5"]
     names = default_names("0.0.0.0")
@@ -97,7 +97,7 @@ def test_non_ecdsa_keys_are_refused(tmp_path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    from fedcbir.certs import read_private_key, read_public_key
+    from common.certs import read_private_key, read_public_key
     from server.deploy import authorized_keys
 
     k = ed25519.Ed25519PrivateKey.generate()
@@ -125,7 +125,7 @@ def test_non_ecdsa_keys_are_refused(tmp_path):
                                      ("[::1]:9092", ("::1", 9092)), ("127.0.0.1", None), ("https://a:1", None),
                                      ("host:0", None), ("host:port", None), (":9092", None)])
 def test_parse_address(text, ok):
-    from fedcbir.flower import parse_address
+    from common.flower import parse_address
 
     if ok:
         assert parse_address(text) == ok
@@ -143,7 +143,7 @@ def _edge(argv, capsys):
 
 
 def test_edge_client_refuses_bad_input_in_one_line(tmp_path, capsys, sample_catalog):
-    from fedcbir.certs import generate_device_key
+    from common.certs import generate_device_key
 
     base = ["--catalog", str(sample_catalog), "--num-partitions", "2"]
     priv, _ = generate_device_key(tmp_path, "dev")

@@ -28,7 +28,7 @@ TINY = ["--set", "arch=mobilenetv3-small", "--set", "lr=0.002", "--set", "bn-pol
 
 
 def _env():
-    from fedcbir.flower import flower_env
+    from common.flower import flower_env
 
     env = flower_env()
     env["PYTHONUNBUFFERED"] = "1"
@@ -127,7 +127,7 @@ def _client(args: list[str]) -> list[str]:
 
 
 def _rows(run: Path) -> list[dict]:
-    from fedcbir.flower import read_rows
+    from common.flower import read_rows
 
     return read_rows(run / "metrics.jsonl")
 
@@ -139,7 +139,7 @@ def _weights(run: Path, r: int) -> dict[str, np.ndarray]:
 
 
 def _free_port() -> int:
-    from fedcbir.flower import free_port
+    from common.flower import free_port
 
     return free_port()
 
@@ -160,7 +160,7 @@ def test_tls_auth_fleet_of_three_frameworks(tiny_catalog, tmp_path, procs):
     if not all(importlib.util.find_spec(m) for m in ("tensorflow", "jax", "torch")):
         pytest.skip("needs torch, tensorflow and jax")
     from edge_client.cli import main as edge_main
-    from fedcbir.certs import make_ca
+    from common.certs import make_ca
 
     t0 = time.monotonic()
     keys, auth = tmp_path / "keys", tmp_path / "authorized"

@@ -27,7 +27,7 @@ from device_profiles import (
     thread_env,
 )
 from device_profiles.profiles import BUILTIN_DIR, NUMERIC_FIELDS
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 
 EXPECTED = {"rpi3b", "rpi4", "rpi5", "jetson-nano-cpu", "android-mid", "host"}
 HOST_REL = 4.0  # a fixed host relative compute, so clock tests do not depend on this machine

@@ -22,7 +22,7 @@ from export.manifest import FILE_NAMES, SCHEMA_VERSION
 from export.int8check import cpu_line
 from export.verify import UNDECIDED, judge, judge_int8
 from fedcbir.cli import run
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_FILES = sorted(FILE_NAMES.values())

@@ -62,7 +62,7 @@ def test_run_config_keys_are_declared_in_pyproject():
 
 
 def test_generated_app_pyproject_declares_every_key():
-    from fedcbir.simulate import app_pyproject
+    from common.flower import app_pyproject
 
     doc = tomllib.loads(app_pyproject(DEFAULTS))
     assert doc["tool"]["flwr"]["app"]["config"] == DEFAULTS
@@ -70,7 +70,7 @@ def test_generated_app_pyproject_declares_every_key():
 
 
 def test_unknown_run_config_key_is_refused():
-    from fedcbir.errors import FedcbirError
+    from common.errors import FedcbirError
 
     with pytest.raises(FedcbirError, match="unknown run-config"):
         RunConfig.from_flower({"no-such-key": 1})
@@ -284,7 +284,7 @@ def test_resume_gives_identical_weights(tiny_catalog, tmp_path, strategy, bn):
 
 
 def test_resume_refuses_other_settings_and_fresh_run_refuses_old_folder(tiny_catalog, tmp_path):
-    from fedcbir.errors import FedcbirError
+    from common.errors import FedcbirError
 
     _run(_rc(tiny_catalog, num_server_rounds=1), tmp_path / "r")
     with pytest.raises(FedcbirError, match="already holds"):
@@ -364,7 +364,7 @@ def test_simulate_cli_builds_the_run_config(tiny_catalog, tmp_path):
     assert cfg.num_server_rounds == 2 and cfg.fp16_upload and cfg.bn_policy == "shared"
     assert cfg.fraction_evaluate == 0.0 and cfg.type_head is False
     assert Path(cfg.out).is_absolute() and Path(cfg.client_state_dir).is_absolute()
-    from fedcbir.errors import FedcbirError
+    from common.errors import FedcbirError
 
     for bad in (["--set", "strategy=krum"], ["--set", "nope=1"], ["--set", "lr=fast"]):
         a = parser.parse_args(["simulate", "--catalog", str(tiny_catalog), "--out", str(tmp_path / "r"), *bad])

@@ -33,7 +33,7 @@ def test_simulation_runtime_mixed_frameworks(tiny_catalog, tmp_path):
 
     if not all(importlib.util.find_spec(m) for m in ("tensorflow", "jax", "torch")):
         pytest.skip("needs torch, tensorflow and jax")
-    from fedcbir.simulate import simulate
+    from server.simulation import simulate
     from server.runconfig import RunConfig
 
     out = tmp_path / "run"

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 from models import canonical
 from models.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
 from models.spec import ArchSpec

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 from models import canonical
 from models.api import TrainConfig, shared_names
 from models.optim import OptimConfig

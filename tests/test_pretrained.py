@@ -21,7 +21,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fedcbir.errors import FedcbirError  # noqa: E402
+from common.errors import FedcbirError  # noqa: E402
 from models import canonical  # noqa: E402
 from models import pretrained as P  # noqa: E402
 from models.spec import preprocess_kwargs, preset, resolve  # noqa: E402

@@ -21,7 +21,7 @@ pytest.importorskip("torch")
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 
 from edge_client.app import app as client_app  # noqa: E402
-from fedcbir.errors import FedcbirError  # noqa: E402
+from common.errors import FedcbirError  # noqa: E402
 from server import privacy  # noqa: E402
 from server.federation import Federation  # noqa: E402
 from server.inprocess import InProcessGrid  # noqa: E402
@@ -443,7 +443,7 @@ def test_target_epsilon_stops_cleanly_with_last_checkpoint(tiny_catalog, tmp_pat
 
 def test_epsilon_in_round_line_demo_report_and_summary_line():
     from fedcbir.demo import _privacy_md
-    from fedcbir.flower import round_line
+    from common.flower import round_line
     from server.privacy import describe, summary_line
 
     cfg = RunConfig.from_flower({"dp": "server-fixed", "clients-per-round": 3, "dp-noise": 1.0})

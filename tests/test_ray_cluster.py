@@ -68,7 +68,7 @@ def _actors_of(marker: str) -> set[int]:
 def ray_head(tmp_path_factory):
     """A Ray head on 127.0.0.1 (free ports, own temp folder), yielded as its GCS address;
     stopped by PID at the end."""
-    from fedcbir.flower import bin_dir, flower_env, free_port
+    from common.flower import bin_dir, flower_env, free_port
 
     temp = Path(f"/tmp/fr{os.getpid()}")  # Ray's socket paths must stay short
     temp.mkdir(exist_ok=True)

@@ -7,7 +7,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 
 
 def unit(rng, n, d=32):

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Sequence
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
@@ -77,7 +77,7 @@ def toml_value(v: Any) -> str:
 
 def app_pyproject(config: dict[str, Any], name: str = "fedcbir-sim") -> str:
     """pyproject.toml of a Flower app that runs fedcbir's installed components."""
-    from fedcbir import __version__
+    from common import __version__
 
     lines = [
         "[build-system]", 'requires = ["setuptools>=68"]', 'build-backend = "setuptools.build_meta"', "",

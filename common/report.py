@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from fedcbir.io import atomic_path
+from common.io import atomic_path
 
 
 def _pyplot():

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from fedcbir.errors import FedcbirError
+from common.errors import FedcbirError
 
 CA_DAYS = 3650
 SERVER_DAYS = 825
