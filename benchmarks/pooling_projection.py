@@ -28,7 +28,7 @@ def measure(size: int) -> dict:
     from models.canonical import init_weights
     from models.pretrained import orthogonal, pca_projection
     from models.spec import preprocess_kwargs, preset
-    from retrieval.metrics import retrieval_metrics
+    from models.metrics import retrieval_metrics
 
     split = CatalogSplit.load(ensure_default_sample(progress=False), seed=0)
     spec = preset(input_size=size)

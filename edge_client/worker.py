@@ -134,7 +134,7 @@ def run_job(job: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *, cache_t
                        train_images=len(table))
     elif job["mode"] == "evaluate":
         from catalog.batches import eval_batches
-        from retrieval.evaluate import RetrievalEval
+        from models.evaluate import RetrievalEval
 
         trainer.set_weights(weights)
         t_data = time.perf_counter()

@@ -174,7 +174,7 @@ def judge(precision: str, max_abs_diff: float, min_cosine: float, recall: float 
 
 def top1_hits(ev, emb: np.ndarray) -> np.ndarray:
     """Per query: is the top-1 gallery image the same product (bool array)."""
-    from retrieval.metrics import rank_gallery
+    from models.metrics import rank_gallery
 
     q, g = ~ev.is_main, ev.is_main
     labels = ev.table.labels
@@ -231,7 +231,7 @@ def verify_bundle(path, catalog=None, seed: int | None = None, test_fraction: fl
     from export.reference import framework_version, reference_embedder
     from export.runtime import load_embedder, open_bundle
     from models.spec import ArchSpec
-    from retrieval.evaluate import RetrievalEval
+    from models.evaluate import RetrievalEval
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     if int(int8_queries) < 1:

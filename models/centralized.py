@@ -66,7 +66,7 @@ def train(s: TrainSettings) -> dict[str, Any]:
     from models.checkpoint import load_checkpoint, save_checkpoint
     from models.optim import OptimConfig
     from models.spec import preprocess_kwargs, preset
-    from retrieval.evaluate import RetrievalEval
+    from models.evaluate import RetrievalEval
 
     fw = normalize_framework(s.framework)
     if s.epochs < 1:

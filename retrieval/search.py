@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from common.errors import FedcbirError
-from retrieval.metrics import l2_normalize
+from models.metrics import l2_normalize
 
 DEFAULT_K = 10
 MAX_K = 1000
@@ -441,7 +441,7 @@ def evaluate(searcher: Searcher, catalog_root: str | os.PathLike, *, seed: int =
     and per-query latency (decode + embed + search, and search alone) p50/p99.
     """
     from catalog.dataset import CatalogSplit
-    from retrieval.metrics import retrieval_metrics, retrieval_metrics_from_ranking
+    from models.metrics import retrieval_metrics, retrieval_metrics_from_ranking
 
     split = CatalogSplit.load(catalog_root, seed=seed, test_fraction=test_fraction)
     main_of = searcher.store.main_images()  # item_id -> key

@@ -1,6 +1,6 @@
 """Server-side evaluation of the global model on the held-out test products.
 
-Multi-view retrieval (``retrieval.evaluate.RetrievalEval``): gallery = main photo of each
+Multi-view retrieval (``models.evaluate.RetrievalEval``): gallery = main photo of each
 test product, queries = its other photos. One framework (``eval-framework``, torch by
 default) embeds. Under FedBN (``bn-policy = "local"``) the global BN statistics are an
 average of clients' local statistics, so they are first recalibrated on the gallery
@@ -18,7 +18,7 @@ class ServerEvaluator:
     def __init__(self, split, spec, pre, framework: str = "torch", bn_policy: str = "local", threads: int = 1,
                  train_from: int = 0):
         from models.api import TrainConfig, make_trainer
-        from retrieval.evaluate import RetrievalEval
+        from models.evaluate import RetrievalEval
 
         self.evaluator = RetrievalEval.from_split(split, pre=pre)
         self.framework = framework

@@ -13,7 +13,7 @@ from catalog.abo import CatalogError, catalog_info, load_products
 from catalog.images import load_image, to_uint8
 from catalog.sample import PRODUCT_TYPES, generate_sample
 from catalog.splits import retrieval_sets
-from retrieval.metrics import retrieval_metrics
+from models.metrics import retrieval_metrics
 
 
 def _files(root):

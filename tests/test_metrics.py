@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from retrieval.metrics import retrieval_metrics, retrieval_metrics_from_ranking
+from models.metrics import retrieval_metrics, retrieval_metrics_from_ranking
 
 
 def test_hand_computed_ranking():

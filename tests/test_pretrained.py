@@ -161,7 +161,7 @@ def test_catalog_projection_keeps_pretrained_search(tiny_catalog):
     from catalog.dataset import CatalogSplit
     from catalog.images import Preprocess
     from models.api import TrainConfig, make_trainer
-    from retrieval.evaluate import RetrievalEval
+    from models.evaluate import RetrievalEval
 
     split = CatalogSplit.load(tiny_catalog)
     spec = preset(input_size=96, embedding_dim=16)

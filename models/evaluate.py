@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from retrieval.metrics import retrieval_metrics
+from models.metrics import retrieval_metrics
 
 EmbedFn = Callable[[np.ndarray], np.ndarray]
 RAW_PIXELS_MAX_IMAGES = 20_000  # 20k x 96 x 96 x 3 float32 = 2.2 GB of "embeddings"
