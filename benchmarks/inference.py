@@ -48,16 +48,16 @@ def default_checkpoint(folder: Path) -> Path:
     from catalog.dataset import CatalogSplit
     from catalog.images import Preprocess
     from catalog.sample import ensure_default_sample
-    from models import canonical
+    from models import initial
     from models.checkpoint import save_checkpoint
-    from models.pretrained import catalog_projection, main_photos
+    from models.projection import catalog_projection, main_photos
     from models.spec import preprocess_kwargs, preset
 
     spec = preset()
     pre = Preprocess(**preprocess_kwargs(spec))
     root = ensure_default_sample(progress=False)
     split = CatalogSplit.load(root)
-    w = catalog_projection(spec, canonical.init_weights(spec, 0), main_photos(split, pre), 0)
+    w = catalog_projection(spec, initial.init_weights(spec, 0), main_photos(split, pre), 0)
     path = folder / "bench-checkpoint"
     save_checkpoint(path, w, {"arch": spec, "preprocessing": pre.to_dict(),
                               "framework": "torch", "catalog": str(root)})

@@ -46,11 +46,11 @@ def measure(size: int, root: Path, work: Path, epochs: int = 4) -> dict:
     from export.bundle import ExportOptions, export_bundle
     from export.runtime import load_embedder, open_bundle
     from common.io import stderr_to
-    from models import canonical
+    from models import initial
     from models.api import TrainConfig, make_trainer
     from models.checkpoint import save_checkpoint
     from models.optim import OptimConfig
-    from models.pretrained import catalog_projection, main_photos
+    from models.projection import catalog_projection, main_photos
     from models.spec import preprocess_kwargs, preset
     from retrieval.index import build_catalog_index
     from retrieval.search import Searcher, evaluate
@@ -59,7 +59,7 @@ def measure(size: int, root: Path, work: Path, epochs: int = 4) -> dict:
     spec = preset(input_size=size, num_types=len(split.type_names))
     pre = Preprocess(**preprocess_kwargs(spec))
     t0 = time.perf_counter()
-    w = catalog_projection(spec, canonical.init_weights(spec, 0), main_photos(split, pre), 0)
+    w = catalog_projection(spec, initial.init_weights(spec, 0), main_photos(split, pre), 0)
     ck = work / f"ckpt-{size}"
     save_checkpoint(ck, w, {"arch": spec, "preprocessing": pre.to_dict(), "framework": "torch",
                             "catalog": str(root)})

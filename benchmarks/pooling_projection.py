@@ -7,7 +7,7 @@ output (PyTorch, fp32, eval mode), queries = the other photos of the 60 test pro
 = the main photos of all 300 products (the device protocol's gallery). Recall@1 of:
 average vs GeM (p = 3) pooling of the 1280 channels, raw and through a 256-d projection (seeded
 random orthogonal, orthogonal 512-d, or PCA of the training products' main photos with a
-centring bias, as ``models.pretrained.catalog_projection`` does).
+centring bias, as ``models.projection.catalog_projection`` does).
 """
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ def measure(size: int) -> dict:
     from catalog.images import Preprocess, normalize
     from catalog.sample import ensure_default_sample
     from models import torch_model as T
-    from models.canonical import init_weights
-    from models.pretrained import orthogonal, pca_projection
+    from models.initial import init_weights
+    from models.pretrained import orthogonal
+    from models.projection import pca_projection
     from models.spec import preprocess_kwargs, preset
     from models.metrics import retrieval_metrics
 

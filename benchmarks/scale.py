@@ -110,7 +110,7 @@ def _train(ctx, fw: str) -> dict:
     set_threads(1, pin=True)
     from catalog.batches import PKBatches
     from models.api import TrainConfig, make_trainer
-    from models.canonical import init_weights
+    from models.initial import init_weights
     from models.checkpoint import save_checkpoint
     from models.optim import OptimConfig
 

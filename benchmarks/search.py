@@ -104,8 +104,8 @@ def recall_at(found, truth, k: int = 10) -> float:
 def bench_size(n: int, dtypes, n_queries: int, threads: int, workdir: Path, log) -> dict:
     import numpy as np
 
-    from retrieval.index import (ExactVectors, VectorSearch, add_vectors, new_index, open_index, save_npy,
-                                 sha256_file)
+    from retrieval.vectors import (ExactVectors, VectorSearch, add_vectors, new_index, open_index, save_npy,
+                                   sha256_file)
 
     t0 = time.perf_counter()
     x, q = clustered(n, n_queries, seed=n)
@@ -189,7 +189,7 @@ def bench_indexing(bundle: str, catalog: str | None, workdir: Path, log) -> dict
 
     from catalog.abo import IMAGES_DIR, load_products
     from catalog.images import load_image, normalize, to_uint8
-    from retrieval.search import embed_pixels, load_model, open_bundle, preprocess_of
+    from retrieval.embedding import embed_pixels, load_model, open_bundle, preprocess_of
 
     if catalog is None:
         from catalog.sample import generate_sample
@@ -249,7 +249,7 @@ def bench_indexing(bundle: str, catalog: str | None, workdir: Path, log) -> dict
 def run(sizes, dtypes, n_queries: int, threads: int, bundle: str | None, catalog: str | None, log) -> dict:
     import numpy as np
 
-    from retrieval.index import CONNECTIVITY, EXPANSION_ADD, EXPANSION_SEARCH, usearch_index
+    from retrieval.vectors import CONNECTIVITY, EXPANSION_ADD, EXPANSION_SEARCH, usearch_index
 
     ui = usearch_index()
     t_all = time.perf_counter()

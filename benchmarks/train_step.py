@@ -61,7 +61,7 @@ def worker(variant: str, args) -> None:
     from models.threads import set_threads
 
     set_threads(args.threads, pin=not args.no_pin)
-    from models import canonical, parity
+    from models import initial, parity
     from models.api import TrainConfig, make_trainer
     from models.optim import OptimConfig
     from models.threads import thread_info
@@ -69,7 +69,7 @@ def worker(variant: str, args) -> None:
 
     spec = _spec(args)
     x, labels, types = parity.synthetic_batch(spec.input_size, args.products, args.photos, 0)
-    weights = canonical.init_weights(spec, 0)
+    weights = initial.init_weights(spec, 0)
     cfg = TrainConfig(optim=OptimConfig(name="adamw", lr=1e-4), threads=args.threads,
                       train_from=_train_from(args, spec))
     fw = variant.partition(":")[0]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -22,16 +21,13 @@ from typing import Any, Mapping
 import numpy as np
 
 from common.errors import FedcbirError
-from server.runconfig import RunConfig, derive_seed
+from server.runconfig import RunConfig, client_tag, derive_seed
 
 _SPLITS: dict[tuple, Any] = {}
 _PARTS: dict[tuple, list] = {}
 _TABLES_READY: set[tuple] = set()
 _NODES: dict[str, "Node"] = {}
 _BASE: dict[tuple, dict[str, np.ndarray]] = {}
-
-TAG_RE = re.compile(r"\[partition=(-?\d+) framework=(\S+) profile=([^\]\s]+)\]")
-
 
 class ClientFailure(FedcbirError):
     """A round this node cannot complete; ``kind`` is the reason prefix (offline, out of memory, ...)."""
@@ -116,7 +112,7 @@ class Node:
     @property
     def tag(self) -> str:
         """Appended to error reasons so the server knows who failed (errors carry no records)."""
-        return f"[partition={self.partition} framework={self.framework} profile={self.profile_name}]"
+        return client_tag(self.partition, self.framework, self.profile_name)
 
     def describe(self) -> dict[str, Any]:
         return {"partition-id": self.partition, "framework": self.framework, "profile": self.profile_name}
@@ -152,14 +148,14 @@ class Node:
         of the rest, which the server's arrays then replace."""
         hit = _BASE.get((self.spec, self.cfg.seed))
         if hit is None:
-            from models.canonical import init_weights
+            from models.initial import init_weights
 
             hit = _BASE[(self.spec, self.cfg.seed)] = init_weights(self.spec, self.cfg.seed)
         return dict(hit)
 
     def frozen_digest(self) -> str:
         from models import canonical
-        from models.pretrained import frozen_digest
+        from models.canonical import frozen_digest
 
         names = canonical.frozen_names(self.spec, self.cfg.trained_from())
         return frozen_digest(self.base_weights(), names) if names else ""
@@ -208,8 +204,6 @@ class Node:
 
     # ------------------------------------------------------------------ work
     def _base_job(self, mode: str, prox_mu: float = 0.0) -> dict[str, Any]:
-        from edge_client.worker import products_to_json
-
         return {
             "mode": mode, "framework": self.framework, "arch": self.spec.to_dict(),
             "train_config": self.cfg.train_config(prox_mu).to_dict(), "catalog": str(self.root),

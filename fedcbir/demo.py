@@ -201,7 +201,8 @@ def _remove_tree(path: Path) -> None:
 def index(settings: DemoSettings, bundle: Path, catalog: Path, say,
           reused: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Stage 3: the catalog index in the bundle (incremental when one exists for this model)."""
-    from retrieval.index import build_catalog_index, describe_bundle
+    from retrieval.bundle_index import describe_bundle
+    from retrieval.index import build_catalog_index
 
     info = describe_bundle(bundle)
     entry = info.get("index") or {}

@@ -18,6 +18,8 @@ framework: the frameworks' default initialisers differ.
 """
 from __future__ import annotations
 
+import hashlib
+
 import zlib
 from dataclasses import dataclass
 from typing import Mapping
@@ -169,41 +171,20 @@ def num_params(spec: ArchSpec, trainable_only: bool = True) -> int:
                    if e.trainable or not trainable_only))
 
 
-def _rng(seed: int, name: str) -> np.random.Generator:
+def seeded_rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(name.encode())])
 
 
-def init_weights(spec: ArchSpec, seed: int = 0) -> dict[str, np.ndarray]:
-    """Deterministic numpy initialisation (each tensor seeded by ``(seed, name)``).
-
-    conv / dwconv: Kaiming normal, fan_out mode, ReLU gain: std = sqrt(2 / fan_out) with
-    fan_out = (out_channels / groups) * kh * kw, i.e. kh * kw for a depthwise conv (each
-    input channel feeds kh*kw outputs; PyTorch's shape-based fan_out would be C * kh * kw
-    and shrinks depthwise outputs by ~C);
-    linear: normal(0, 0.01) (as torchvision's MobileNetV3); biases 0; BN gamma 1, beta 0, running mean 0,
-    running var 1.  A spec with ``pretrained = "imagenet"`` then takes its stem, blocks and
-    head from ``models.pretrained`` and an orthogonal projection.
-    """
-    out: dict[str, np.ndarray] = {}
-    for e in entries(spec):
-        if e.kind in ("conv", "dwconv"):
-            groups_out = 1 if e.kind == "dwconv" else e.shape[0]
-            fan_out = groups_out * e.shape[2] * e.shape[3]
-            a = _rng(seed, e.name).standard_normal(e.shape) * np.sqrt(2.0 / fan_out)
-        elif e.kind == "linear":
-            a = _rng(seed, e.name).standard_normal(e.shape) * 0.01
-        elif e.kind in ("bn_weight", "bn_var"):
-            a = np.ones(e.shape)
-        else:  # bias, bn_bias, bn_mean
-            a = np.zeros(e.shape)
-        out[e.name] = np.ascontiguousarray(a, dtype=np.float32)
-    if spec.pretrained:
-        # the pretrained backbone replaces the random one; the projection gets orthonormal
-        # rows (models.pretrained.apply)
-        from models.pretrained import apply
-
-        apply(spec, out, seed)
-    return out
+def frozen_digest(weights: Mapping[str, np.ndarray], names) -> str:
+    """sha256 over the named tensors (name, shape, bytes): what a device and the server
+    compare so that both hold the same frozen part."""
+    h = hashlib.sha256()
+    for n in names:
+        a = np.ascontiguousarray(weights[n], dtype=np.float32)
+        h.update(n.encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def validate_weights(spec: ArchSpec, weights: Mapping[str, np.ndarray],

@@ -62,7 +62,7 @@ def train(s: TrainSettings) -> dict[str, Any]:
     from catalog.images import Preprocess
     from common.progress import progress_bar
     from models.api import TrainConfig, make_trainer, normalize_framework
-    from models.canonical import init_weights
+    from models.initial import init_weights
     from models.checkpoint import load_checkpoint, save_checkpoint
     from models.optim import OptimConfig
     from models.spec import preprocess_kwargs, preset
@@ -98,7 +98,7 @@ def train(s: TrainSettings) -> dict[str, Any]:
             raise FedcbirError(f"{out} already holds a run: pass --resume or another --out")
         weights = init_weights(spec, s.seed)
         if spec.pretrained:
-            from models.pretrained import catalog_projection, main_photos
+            from models.projection import catalog_projection, main_photos
 
             weights = catalog_projection(spec, weights, main_photos(split, pre, seed=s.seed), s.seed, fw)
 

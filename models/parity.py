@@ -6,7 +6,7 @@ batch, loss, optimizer, FedProx anchor), then reports max absolute differences b
 every pair — for the embeddings, and over ALL canonical arrays after the step (BN running
 statistics included).
 
-Weights: ``canonical.init_weights`` with BN running statistics recalibrated on the batch
+Weights: ``models.initial.init_weights`` with BN running statistics recalibrated on the batch
 (PyTorch, train-mode forwards: what FedBN evaluation does) and small perturbations of the
 BN affine parameters and biases, so that every tensor carries a non-trivial value.
 
@@ -27,6 +27,7 @@ import numpy as np
 
 from common.errors import FedcbirError
 from models import canonical
+from models import initial
 from models.optim import OptimConfig
 from models.spec import ArchSpec
 
@@ -72,7 +73,7 @@ def parity_weights(spec: ArchSpec, x: np.ndarray, seed: int = 0,
     """Init weights, BN statistics recalibrated on ``x`` (PyTorch), perturbed affine/biases."""
     from models.api import TrainConfig, make_trainer
 
-    w = canonical.init_weights(spec, seed)
+    w = initial.init_weights(spec, seed)
     t = make_trainer("torch", spec, TrainConfig(threads=threads))
     t.set_weights(w)
     t.recalibrate_bn([x])

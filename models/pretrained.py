@@ -19,16 +19,15 @@ run code.  A test checks the result tensor by tensor against ``torch.load``.
     _fc (1000 ImageNet classes)                -> kept apart (:func:`imagenet_classifier`),
                                                   only for the ImageNet sanity check
 
-:func:`apply` (called by ``canonical.init_weights``) gives what a run starts from without
+:func:`apply` (called by ``models.initial.init_weights``) gives what a run starts from without
 data: the backbone from ImageNet and a projection with seeded orthonormal rows.  Servers and
-the centralized trainer then replace the projection by :func:`catalog_projection`: the
+the centralized trainer then replace the projection by ``models.projection.catalog_projection``: the
 principal directions of the pooled features of the catalog's own photos (the training
 products' main photos, which the shop's server holds), centred by the bias — round 0 then
 searches as well as the raw 1280-d features (a random 256-d projection lost 5 points).
 """
 from __future__ import annotations
 
-import hashlib
 import pickle
 import struct
 from collections import OrderedDict
@@ -194,9 +193,9 @@ def imagenet_classifier() -> tuple[np.ndarray, np.ndarray]:
 
 def orthogonal(rows: int, cols: int, seed: int, name: str) -> np.ndarray:
     """A seeded matrix with orthonormal rows (``rows <= cols``), or columns otherwise."""
-    from models.canonical import _rng
+    from models.canonical import seeded_rng
 
-    a = _rng(seed, name).standard_normal((max(rows, cols), min(rows, cols)))
+    a = seeded_rng(seed, name).standard_normal((max(rows, cols), min(rows, cols)))
     q, r = np.linalg.qr(a)
     q = q * np.sign(np.diag(r))[None, :]
     return np.ascontiguousarray(q.T if rows <= cols else q, dtype=np.float32)
@@ -210,80 +209,3 @@ def apply(spec, weights: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
     w = weights["proj.weight"]
     weights["proj.weight"] = orthogonal(w.shape[0], w.shape[1], seed, "proj.weight")
     return weights
-
-
-def frozen_digest(weights: dict[str, np.ndarray], names) -> str:
-    """sha256 over the named tensors (name, shape, bytes): what a device and the server
-    compare so that both hold the same frozen part."""
-    h = hashlib.sha256()
-    for n in names:
-        a = np.ascontiguousarray(weights[n], dtype=np.float32)
-        h.update(n.encode())
-        h.update(str(a.shape).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def pca_projection(features: np.ndarray, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(weight [dim, F], bias [dim])``: the ``dim`` principal directions of ``features``
-    (rows orthonormal; completed with seeded orthonormal directions when there are fewer
-    samples than ``dim``), bias ``-weight @ mean`` (centering)."""
-    f = np.asarray(features, np.float64)
-    mu = f.mean(0)
-    _, _, vt = np.linalg.svd(f - mu, full_matrices=False)
-    rank = min(dim, vt.shape[0])
-    w = np.zeros((dim, f.shape[1]))
-    w[:rank] = vt[:rank]
-    if rank < dim:  # complete with random directions orthogonal to the principal ones
-        r = orthogonal(f.shape[1], f.shape[1], seed, "proj.weight.completion").astype(np.float64)
-        r = r - (r @ w[:rank].T) @ w[:rank]
-        q, _ = np.linalg.qr(r.T)
-        w[rank:] = q.T[: dim - rank]
-    w = w.astype(np.float32)
-    return np.ascontiguousarray(w), np.ascontiguousarray(-(w @ mu.astype(np.float32)), dtype=np.float32)
-
-
-def catalog_projection(spec, weights: dict[str, np.ndarray], images: np.ndarray, seed: int,
-                       framework: str = "torch") -> dict[str, np.ndarray]:
-    """Initialise the projection from the pooled features of catalog photos the server owns
-    (the training products' main photos: no device photo is used).
-
-    Measured on the default sample at 160 px, gallery = all 300 products, no training:
-    Recall@1 0.577 with the raw 1280-d features, 0.523 through a random orthogonal 256-d
-    projection, 0.603 through this one (``images``: normalised NHWC float32)."""
-    from models.api import TrainConfig, make_trainer
-
-    fspec = spec.replace(embedding_dim=_feature_dim(spec), num_types=0)
-    fw = {k: v for k, v in weights.items() if not k.startswith(("proj.", "type_head."))}
-    dim = _feature_dim(spec)
-    fw["proj.weight"] = np.eye(dim, dtype=np.float32)
-    fw["proj.bias"] = np.zeros(dim, np.float32)
-    t = make_trainer(framework, fspec, TrainConfig(threads=1))
-    t.set_weights(fw)
-    feats = t.embed(images, batch_size=32)
-    w, b = pca_projection(feats, spec.embedding_dim, seed)
-    out = dict(weights)
-    out["proj.weight"], out["proj.bias"] = w, b
-    return out
-
-
-def _feature_dim(spec) -> int:
-    from models.spec import resolve
-
-    return resolve(spec).feature_dim
-
-
-def main_photos(split, pre, limit: int = 2000, seed: int = 0) -> np.ndarray:
-    """Normalised main photos of up to ``limit`` training products (seeded choice) of a
-    ``catalog.dataset.CatalogSplit``: the input of :func:`catalog_projection`."""
-    import dataclasses
-
-    from catalog.images import normalize
-
-    products = [p for p in split.train if p.main_image]
-    if len(products) > limit:
-        pick = np.random.default_rng([int(seed), 17]).choice(len(products), limit, replace=False)
-        products = [products[i] for i in sorted(pick)]
-    only_main = [dataclasses.replace(p, other_images=[]) for p in products]
-    table = split.table(only_main, pre)
-    return normalize(table.images, pre)

@@ -343,6 +343,6 @@ class Trainer:
 
 
 def canonical_digest(weights: Mapping[str, np.ndarray], names) -> str:
-    from models.pretrained import frozen_digest
+    from models.canonical import frozen_digest
 
     return frozen_digest(weights, names)

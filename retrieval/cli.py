@@ -2,6 +2,10 @@
 
 Only argparse is imported at start-up; each command imports what it needs, and the
 query path never imports torch, TensorFlow or JAX for ``.tflite`` / ``.onnx`` files.
+
+Imports: :mod:`common` at start-up; per command :mod:`retrieval.index` (index),
+:mod:`retrieval.search` (query, evaluate), :mod:`retrieval.bundle_index` (info) and
+:mod:`retrieval.server` (serve). It is the ``catalog-search`` entry point: no package module imports it.
 """
 from __future__ import annotations
 
@@ -220,7 +224,7 @@ def _eval(args) -> int:
 
 def _info(args) -> int:
     from common.io import print_json
-    from retrieval.index import describe_bundle
+    from retrieval.bundle_index import describe_bundle
 
     info = describe_bundle(args.bundle)
     if args.json:

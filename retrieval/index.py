@@ -1,463 +1,29 @@
-"""The vector side of catalog search: usearch indexes with explicit keys, checksummed files,
-memory-mapped opening and exact re-ranking.
+"""Building and updating a bundle's catalog index (``catalog-search index``): walk an
+ABO-layout catalog, embed its photos with the bundle's model (resumably, see
+:mod:`retrieval.resume`), apply an update incrementally (added, removed and changed
+listings and photos; compaction when too many slots are deleted ones), and publish the new
+files through the manifest's atomic replace, one writer per bundle at a time.
 
-Facts this module relies on (usearch 2.26.6, measured on this machine):
-
-- ``Index.restore(path, view=True)`` memory-maps a file without checking it: a damaged
-  header or body is searched anyway (wrong results or a crash). Every file is therefore
-  opened only after its sha256 matches the manifest (:func:`open_index`).
-- Adding to a viewed index crashes the process: updates load a private copy (``view=False``).
-- ``remove`` marks slots deleted; they are reused by later ``add`` calls only partly and
-  never compacted, so :func:`needs_compaction` tells the builder to rebuild.
-- An ``i8`` index with the ``cos`` metric stores ``127 * x / |x|``: recall@10 ≈ 0.96 at 400k
-  (benchmarks/search.py; ≈ 0.999 re-ranked), so
-  an i8 index keeps f16 copies of its vectors (``.npy``, memory-mapped) and re-ranks an
-  over-fetched candidate list exactly (:class:`VectorSearch`).
-- Graph settings (connectivity 16, expansion_add 128, expansion_search 128) give f16
-  recall@10 ≈ 0.995 at 400k x 128 with single-query p50 ≈ 0.5 ms on one thread; with
-  expansion_add 64 it stayed at 0.985-0.99 even with expansion_search 256.
-- Importing ``usearch`` before ``onnxruntime`` in one process makes the later import of
-  ``onnxruntime`` crash (segmentation fault in its extension's start-up);
-  the reverse order works. :func:`usearch_index` imports onnxruntime first when it is
-  installed.
+Imports: :mod:`retrieval.vectors`, :mod:`retrieval.embedding`, :mod:`retrieval.bundle_index`,
+:mod:`retrieval.resume`, :mod:`retrieval.store`, :mod:`common`, :mod:`catalog` and
+:mod:`export`; never :mod:`retrieval.search` (only the command line imports this module).
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import os
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from common.errors import FedcbirError
-
-DTYPES = ("f16", "i8", "f32")
-METRIC = "cos"
-CONNECTIVITY = 16
-EXPANSION_ADD = 128
-EXPANSION_SEARCH = 128
-RERANK_FACTOR = 4  # i8: candidates fetched per requested result before exact re-ranking
-EXACT_DTYPE = {"i8": "f16"}  # index dtype -> dtype of the exact vectors kept beside it
-COMPACT_DELETED_FRACTION = 0.25
-_HASH_CHUNK = 1 << 20
-
-
-class IndexFileError(FedcbirError):
-    """An index file that is missing, damaged, tampered with or built for another model."""
-
-
-def usearch_index():
-    """The ``usearch.index`` module, imported after onnxruntime (see the module notes)."""
-    if "usearch.index" not in sys.modules and "onnxruntime" not in sys.modules:
-        if importlib.util.find_spec("onnxruntime") is not None:
-            import onnxruntime  # noqa: F401  (import order matters, see module docstring)
-    import usearch.index
-
-    return usearch.index
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def check_dtype(dtype: str) -> str:
-    if dtype not in DTYPES:
-        raise FedcbirError(f"index dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return dtype
-
-
-def new_index(ndim: int, dtype: str = "f16", *, connectivity: int = CONNECTIVITY,
-              expansion_add: int = EXPANSION_ADD, expansion_search: int = EXPANSION_SEARCH):
-    ui = usearch_index()
-    return ui.Index(ndim=int(ndim), metric=METRIC, dtype=check_dtype(dtype), connectivity=connectivity,
-                    expansion_add=expansion_add, expansion_search=expansion_search)
-
-
-def as_keys(keys) -> np.ndarray:
-    k = np.asarray(keys)
-    if k.ndim != 1:
-        raise ValueError("keys must be one-dimensional")
-    if k.size and (k.dtype.kind not in "iu" or int(k.min()) < 0):
-        raise ValueError("keys must be non-negative integers")
-    return k.astype(np.uint64)
-
-
-def as_vectors(vectors, ndim: int | None = None) -> np.ndarray:
-    v = np.ascontiguousarray(vectors, dtype=np.float32)
-    if v.ndim == 1:
-        v = v[None, :]
-    if v.ndim != 2 or (ndim is not None and v.shape[1] != ndim):
-        raise ValueError(f"expected vectors of shape [N, {ndim}], got {v.shape}")
-    if not np.all(np.isfinite(v)):
-        raise FedcbirError("embeddings contain NaN or infinite values (the model output is unusable)")
-    return v
-
-
-def add_vectors(index, keys, vectors, threads: int = 0) -> None:
-    keys = as_keys(keys)
-    vectors = as_vectors(vectors, index.ndim)
-    if len(keys) != len(vectors):
-        raise ValueError("keys and vectors differ in length")
-    if len(keys):
-        index.add(keys, vectors, threads=threads)
-
-
-def header(path: str | os.PathLike) -> dict[str, Any]:
-    """usearch's header of an index file (dimensions, scalar kind, counts), read without mapping it."""
-    ui = usearch_index()
-    try:
-        meta = ui.Index.metadata(os.fspath(path))
-    except Exception as exc:  # usearch raises plain RuntimeError/ValueError
-        raise IndexFileError(f"{path} is not a usearch index ({' '.join(str(exc).split())})") from None
-    if not meta:
-        raise IndexFileError(f"{path} is not a usearch index")
-    return meta
-
-
-def deleted_fraction(path: str | os.PathLike) -> float:
-    meta = header(path)
-    present, deleted = int(meta.get("count_present", 0)), int(meta.get("count_deleted", 0))
-    return deleted / max(1, present + deleted)
-
-
-def needs_compaction(path: str | os.PathLike) -> bool:
-    """True when more than a quarter of an index file's slots are deleted ones."""
-    return deleted_fraction(path) > COMPACT_DELETED_FRACTION
-
-
-def _scalar_name(kind) -> str:
-    return str(getattr(kind, "name", kind)).lower()
-
-
-def verify_file(path: Path, sha256: str | None, size: int | None, what: str, *, use_cache: bool = False) -> None:
-    """Raise :class:`IndexFileError` unless ``path`` exists with the recorded size and sha256.
-
-    ``use_cache``: skip re-hashing a file this user already verified when its inode, size,
-    mtime and ctime are unchanged (a stat cache like git's index, kept in the fedcbir cache
-    folder, never in the bundle). Any write to the file changes its ctime, a replacement
-    its inode, so a modified file is always hashed again.
-    """
-    if not path.is_file():
-        raise IndexFileError(f"{what} {path} is missing: build the index again with 'catalog-search index'")
-    st = path.stat()
-    if size is not None and st.st_size != int(size):
-        raise IndexFileError(f"{what} {path} has {st.st_size} bytes, the manifest records {size}: "
-                             "the file is damaged or was modified; build the index again")
-    if sha256 is None:
-        return
-    if use_cache and _VerifiedCache.hit(path, st, sha256):
-        return
-    if sha256_file(path) != sha256:
-        raise IndexFileError(f"{what} {path} does not match its sha256 in the manifest: the file is damaged "
-                             "or was modified; build the index again with 'catalog-search index'")
-    if use_cache:
-        _VerifiedCache.add(path, st, sha256)
-
-
-class _VerifiedCache:
-    """``{absolute path: [stat key, sha256]}`` of index files verified before (best effort)."""
-
-    NAME = "verified-index-files.json"
-    LIMIT = 256
-
-    @staticmethod
-    def _file() -> Path:
-        from common.io import cache_dir
-
-        return cache_dir() / _VerifiedCache.NAME
-
-    @staticmethod
-    def _key(st) -> str:
-        return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
-
-    @classmethod
-    def _read(cls) -> dict:
-        import json
-
-        try:
-            doc = json.loads(cls._file().read_text(encoding="utf-8"))
-            return doc if isinstance(doc, dict) else {}
-        except (OSError, ValueError):
-            return {}
-
-    @classmethod
-    def hit(cls, path: Path, st, sha256: str) -> bool:
-        rec = cls._read().get(os.fspath(path.resolve()))
-        return isinstance(rec, list) and rec == [cls._key(st), sha256]
-
-    @classmethod
-    def add(cls, path: Path, st, sha256: str) -> None:
-        from common.io import write_json_atomic
-
-        doc = cls._read()
-        doc.pop(os.fspath(path.resolve()), None)
-        doc[os.fspath(path.resolve())] = [cls._key(st), sha256]
-        while len(doc) > cls.LIMIT:
-            doc.pop(next(iter(doc)))
-        try:
-            write_json_atomic(cls._file(), doc)
-        except OSError:
-            pass  # a read-only home folder only costs the next open a re-hash
-
-
-def open_index(path: str | os.PathLike, *, sha256: str | None, size: int | None = None,
-               ndim: int | None = None, dtype: str | None = None, view: bool = True):
-    """Open an index file after checking its checksum and header; ``view`` memory-maps it.
-
-    ``sha256=None`` skips the checksum (only for files this process just wrote).
-    """
-    path = Path(path)
-    verify_file(path, sha256, size, "index file")
-    meta = header(path)
-    dims = int(meta.get("dimensions", 0))
-    kind = _scalar_name(meta.get("kind_scalar"))
-    metric = _scalar_name(meta.get("kind_metric"))
-    if ndim is not None and dims != int(ndim):
-        raise IndexFileError(f"index {path} holds {dims}-d vectors, expected {ndim}-d")
-    if dtype is not None and kind != dtype:
-        raise IndexFileError(f"index {path} stores {kind} vectors, the manifest says {dtype}")
-    if metric != METRIC:
-        raise IndexFileError(f"index {path} uses the {metric} metric, expected {METRIC}")
-    ui = usearch_index()
-    index = ui.Index(ndim=dims, metric=METRIC, dtype=kind)
-    try:
-        if view:
-            index.view(os.fspath(path))
-        else:
-            index.load(os.fspath(path))
-    except Exception as exc:
-        raise IndexFileError(f"cannot open index {path}: {' '.join(str(exc).split())}") from None
-    index.expansion_search = EXPANSION_SEARCH
-    return index
-
-
-# ----------------------------------------------------------------------------- exact vectors
-
-
-@dataclass
-class ExactVectors:
-    """Vectors kept beside a lossy (i8) index: ``keys`` sorted ascending, ``vectors`` row-aligned."""
-
-    keys: np.ndarray  # uint64 [N], sorted
-    vectors: np.ndarray  # f16/f32 [N, D], L2-normalised, possibly a read-only memmap
-
-    @classmethod
-    def load(cls, keys_path: Path, vectors_path: Path, mmap: bool = True) -> "ExactVectors":
-        try:
-            keys = np.load(keys_path, allow_pickle=False)
-            vectors = np.load(vectors_path, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise IndexFileError(f"cannot read the exact vectors ({exc})") from None
-        if keys.ndim != 1 or vectors.ndim != 2 or len(keys) != len(vectors):
-            raise IndexFileError("the exact vectors do not match their keys (damaged files)")
-        return cls(keys.astype(np.uint64, copy=False), vectors)
-
-    def rows(self, keys: np.ndarray) -> np.ndarray:
-        """Row index of each key (-1 where absent)."""
-        keys = np.asarray(keys, dtype=np.uint64)
-        pos = np.searchsorted(self.keys, keys)
-        pos = np.minimum(pos, max(0, len(self.keys) - 1))
-        ok = (len(self.keys) > 0) & (self.keys[pos] == keys) if len(self.keys) else np.zeros(keys.shape, bool)
-        return np.where(ok, pos, -1)
-
-    def get(self, keys: np.ndarray) -> np.ndarray:
-        rows = self.rows(keys)
-        if (rows < 0).any():
-            raise IndexFileError("the exact vectors lack some indexed keys (damaged files)")
-        return np.asarray(self.vectors[rows], dtype=np.float32)
-
-
-def save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-
-
-# ----------------------------------------------------------------------------- search
-
-
-class VectorSearch:
-    """Nearest neighbours by cosine similarity over one usearch index (+ exact re-ranking).
-
-    Scores are cosine similarities (1 = same direction). Not thread-safe for building;
-    concurrent ``search`` calls on one index are safe (usearch searches are read-only).
-    """
-
-    def __init__(self, index, exact: ExactVectors | None = None, rerank_factor: int = RERANK_FACTOR):
-        self.index = index
-        self.exact = exact
-        self.rerank_factor = max(1, int(rerank_factor))
-
-    @property
-    def ndim(self) -> int:
-        return int(self.index.ndim)
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def search(self, queries: np.ndarray, count: int, *, exhaustive: bool = False,
-               threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """Top ``count`` (keys, similarities) for each L2-normalised query row.
-
-        Rows shorter than ``count`` (small index) are padded with key ``-1``/score ``-inf``.
-        ``exhaustive`` compares against every vector (used when a filter needs more candidates
-        than the graph walk reliably returns).
-        """
-        q = as_vectors(queries, self.ndim)
-        n = len(self.index)
-        count = max(1, int(count))
-        fetch = min(n, count * (self.rerank_factor if self.exact is not None else 1))
-        keys = np.full((len(q), count), -1, dtype=np.int64)
-        scores = np.full((len(q), count), -np.inf, dtype=np.float32)
-        if n == 0 or fetch == 0:
-            return keys, scores
-        m = self.index.search(q, fetch, threads=threads, exact=bool(exhaustive))
-        got_keys = np.asarray(m.keys).reshape(len(q), -1)
-        got_dist = np.asarray(m.distances, dtype=np.float32).reshape(len(q), -1)
-        counts = np.asarray(m.counts).reshape(-1) if hasattr(m, "counts") else np.full(len(q), got_keys.shape[1])
-        for i in range(len(q)):
-            c = int(counts[i])
-            ck = got_keys[i, :c].astype(np.int64)
-            cs = 1.0 - got_dist[i, :c]
-            if self.exact is not None and c:
-                vec = self.exact.get(ck.astype(np.uint64))
-                cs = vec @ q[i]
-                order = np.argsort(-cs, kind="stable")
-                ck, cs = ck[order], cs[order]
-            c = min(c, count)
-            keys[i, :c] = ck[:c]
-            scores[i, :c] = cs[:c]
-        return keys, scores
-
-
-# ----------------------------------------------------------------------------- the catalog index in a bundle
-#
-# Files (``<gen>`` changes on every build or update, so a published file is never rewritten):
-#
-#     BUNDLE/index/catalog-<gen>.usearch       the usearch index (keys = store image keys)
-#     BUNDLE/index/catalog-<gen>.sqlite        the metadata store (retrieval.store)
-#     BUNDLE/index/catalog-<gen>.keys.npy      i8 only: sorted keys of the exact vectors
-#     BUNDLE/index/catalog-<gen>.vectors.npy   i8 only: f16 L2-normalised vectors, row-aligned
-#
-# and the manifest's ``"index"`` entry (written last, atomically: it is the commit point)::
-#
-#     {"format": "fedcbir-catalog-index", "format_version": 1, "generation": "...",
-#      "dtype": "f16", "metric": "cos", "ndim": 128, "count": images, "products": N,
-#      "skipped": S, "deleted_slots": D, "connectivity": 16, "expansion_add": 64,
-#      "expansion_search": 128, "usearch_version": "2.26.6",
-#      "files": {"index": {"path": "index/catalog-<gen>.usearch", "sha256": ..., "bytes": ...},
-#                "store": {...}, ["keys": {...}, "vectors": {...}]},
-#      "model": {"file": "model.onnx", "sha256": ..., "runtime": "onnx", "precision": "fp32",
-#                "dim": 128, "input_size": 96, ...},
-#      "catalog": {"root": "/abs/catalog", "products": N, "images": I},
-#      "built": ISO-8601, "updated": ISO-8601 | null, "fedcbir_version": "..."}
-
-INDEX_DIR = "index"
-INDEX_KEY = "index"
-INDEX_FORMAT = "fedcbir-catalog-index"
-INDEX_FORMAT_VERSION = 1
-FILE_ROLES = ("index", "store", "keys", "vectors")
-_SUFFIX = {"index": ".usearch", "store": ".sqlite", "keys": ".keys.npy", "vectors": ".vectors.npy"}
-
-
-def new_generation() -> str:
-    import datetime as _dt
-    import secrets
-
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
-
-
-def generation_paths(bundle_dir: Path, gen: str, roles=FILE_ROLES) -> dict[str, Path]:
-    return {r: bundle_dir / INDEX_DIR / f"catalog-{gen}{_SUFFIX[r]}" for r in roles}
-
-
-def file_record(bundle_dir: Path, path: Path) -> dict[str, Any]:
-    return {"path": path.relative_to(bundle_dir).as_posix(), "sha256": sha256_file(path), "bytes": path.stat().st_size}
-
-
-def entry_path(bundle_dir: Path, entry: dict, role: str) -> Path | None:
-    """The file of ``role`` recorded in an index entry (refusing paths outside the bundle)."""
-    rec = (entry.get("files") or {}).get(role)
-    if rec is None:
-        return None
-    rel = str(rec.get("path", ""))
-    p = Path(rel)
-    if not rel or p.is_absolute() or ".." in p.parts:
-        raise IndexFileError(f"the manifest names an unsafe index file path {rel!r}")
-    return bundle_dir / p
-
-
-def check_entry(entry: Any) -> dict:
-    if not isinstance(entry, dict) or entry.get("format") != INDEX_FORMAT:
-        raise IndexFileError("the bundle's manifest has a damaged 'index' entry; build the index again")
-    if entry.get("format_version") != INDEX_FORMAT_VERSION:
-        raise IndexFileError(f"unsupported catalog index version {entry.get('format_version')!r} "
-                             f"(this fedcbir reads {INDEX_FORMAT_VERSION}); build the index again")
-    for key in ("dtype", "ndim", "files", "model"):
-        if key not in entry:
-            raise IndexFileError(f"the manifest's 'index' entry lacks {key!r}; build the index again")
-    if "index" not in entry["files"] or "store" not in entry["files"]:
-        raise IndexFileError("the manifest's 'index' entry lacks its files; build the index again")
-    return entry
-
-
-@dataclass
-class CatalogIndex:
-    """A verified, opened catalog index: vectors (usearch, memory-mapped) + metadata store."""
-
-    bundle_dir: Path
-    entry: dict
-    vectors: VectorSearch
-    store: Any  # retrieval.store.Store
-    open_seconds: dict
-
-    @classmethod
-    def open(cls, bundle_dir: str | os.PathLike, entry: dict, *, view: bool = True,
-             use_cache: bool = False) -> "CatalogIndex":
-        """Check every file's size and sha256, then open (``view``: memory-map) the index.
-
-        ``use_cache``: trust an earlier verification of an unchanged file (see :func:`verify_file`)."""
-        import time
-
-        from retrieval.store import Store
-
-        bundle_dir = Path(bundle_dir)
-        entry = check_entry(entry)
-        t0 = time.perf_counter()
-        files = entry["files"]
-        for role in FILE_ROLES:
-            path = entry_path(bundle_dir, entry, role)
-            if path is not None:
-                rec = files[role]
-                verify_file(path, rec.get("sha256"), rec.get("bytes"), f"index {role} file", use_cache=use_cache)
-        t1 = time.perf_counter()
-        index = open_index(entry_path(bundle_dir, entry, "index"), sha256=None,
-                           ndim=int(entry["ndim"]), dtype=str(entry["dtype"]), view=view)
-        exact = None
-        if "vectors" in files:
-            exact = ExactVectors.load(entry_path(bundle_dir, entry, "keys"), entry_path(bundle_dir, entry, "vectors"))
-            if exact.vectors.shape[1] != index.ndim:
-                raise IndexFileError("the exact vectors and the index disagree on the dimension (damaged files)")
-        t2 = time.perf_counter()
-        store = Store.open_readonly(entry_path(bundle_dir, entry, "store"))
-        t3 = time.perf_counter()
-        count = entry.get("count")
-        if count is not None and len(index) != int(count):
-            store.close()
-            raise IndexFileError(f"the index holds {len(index)} vectors, the manifest records {count}; "
-                                 "build the index again")
-        times = {"verify_ms": (t1 - t0) * 1e3, "open_index_ms": (t2 - t1) * 1e3, "open_store_ms": (t3 - t2) * 1e3}
-        return cls(bundle_dir, entry, VectorSearch(index, exact), store, times)
-
-    def close(self) -> None:
-        self.store.close()
+from retrieval.bundle_index import (FILE_ROLES, INDEX_DIR, INDEX_FORMAT, INDEX_FORMAT_VERSION, INDEX_KEY, CatalogIndex,
+                                    check_entry, check_model, entry_path, file_record, generation_paths,
+                                    new_generation)
+from retrieval.embedding import iter_embedded, load_model, model_record, open_bundle, preprocess_of
+from retrieval.resume import CatalogPaths, Partial, Work, resume_key, stat_pair
+from retrieval.vectors import (EXACT_DTYPE, EXPANSION_SEARCH, METRIC, IndexFileError, add_vectors, check_dtype, header,
+                               needs_compaction, new_index, save_npy, sha256_file, usearch_index)
 
 
 # ----------------------------------------------------------------------------- building and updating
@@ -487,50 +53,6 @@ class _BundleLock:
             os.close(self.fd)  # closing releases the lock
 
 
-class _Work:
-    """Photos to embed: (item_id, path relative to images/small, is_main)."""
-
-    def __init__(self):
-        self.items: list[tuple[str, str, bool]] = []
-
-
-class _CatalogPaths:
-    """``paths[i]`` = the file of work item ``i`` (made on demand, not a list of N Paths)."""
-
-    def __init__(self, images_dir: Path, items: list[tuple[str, str, bool]]):
-        self.images_dir = images_dir
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> Path:
-        return self.images_dir / self.items[i][1]
-
-
-WORK_DIR = ".work"  # BUNDLE/index/.work/partial-<key>/: embedded segments of an unfinished build
-PARTIAL_FORMAT = 1
-
-
-def _resume_key(rec: dict, root: Path, old_entry: dict | None, work: _Work, batch_size: int,
-                segment_images: int) -> str:
-    """What embedded segments depend on: the model file and its runtime, the preprocessing, the
-    catalog, the index being updated (its generation), the photos in order, the batch size
-    (it groups photos into runtime calls) and the segment size. Decoding threads and runtime
-    threads are not part of it: they do not change which vectors a photo gets."""
-    import hashlib
-    import json
-
-    h = hashlib.sha256()
-    h.update(json.dumps({"format": PARTIAL_FORMAT, "model": rec, "catalog": str(root),
-                         "update_of": (old_entry or {}).get("generation"), "batch_size": int(batch_size),
-                         "segment_images": int(segment_images), "photos": len(work.items)},
-                        sort_keys=True, default=str).encode())
-    for item_id, rel, is_main in work.items:
-        h.update(f"{item_id}\t{rel}\t{int(is_main)}\n".encode())
-    return h.hexdigest()[:24]
-
-
 def _segment_saved(segment: int) -> None:
     """Called after each segment is on disk. ``FEDCBIR_INDEX_SEGMENT_PAUSE`` (seconds) slows
     a build down here, so tests and demonstrations can interrupt it part-way."""
@@ -539,124 +61,6 @@ def _segment_saved(segment: int) -> None:
         import time
 
         time.sleep(float(pause))
-
-
-class _Partial:
-    """The embedded segments of one unfinished build (``index/.work/partial-<key>/seg-NNNNNN.npz``).
-
-    Segment ``g`` covers work items ``[g * S, (g + 1) * S)``; its file is written atomically
-    (temporary file, then rename), so a file that exists is complete. It records, per photo,
-    the file's size, mtime and sha256 (or why it could not be used) and the vectors of the
-    usable ones; a segment is reused only when every photo still has the recorded size and
-    mtime."""
-
-    def __init__(self, folder: Path, n_items: int, segment_images: int):
-        self.dir = folder
-        self.n_items = int(n_items)
-        self.segment_images = int(segment_images)
-        self.segments = -(-self.n_items // self.segment_images)
-
-    @classmethod
-    def begin(cls, bundle_dir: Path, key: str, n_items: int, segment_images: int) -> "_Partial":
-        import shutil
-
-        work = bundle_dir / INDEX_DIR / WORK_DIR
-        if work.is_dir():
-            for other in work.iterdir():  # another build's leftovers can never be resumed now
-                if other.name != f"partial-{key}":
-                    shutil.rmtree(other, ignore_errors=True) if other.is_dir() else other.unlink()
-        folder = work / f"partial-{key}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(".*"):
-            stale.unlink()  # a temporary file of a killed run
-        return cls(folder, n_items, segment_images)
-
-    def segment_range(self, g: int) -> range:
-        return range(g * self.segment_images, min(self.n_items, (g + 1) * self.segment_images))
-
-    def file(self, g: int) -> Path:
-        return self.dir / f"seg-{g:06d}.npz"
-
-    def reusable(self, photos: _CatalogPaths) -> set[int]:
-        """Segments on disk whose photos are unchanged (the others are embedded again)."""
-        out = set()
-        for g in range(self.segments):
-            if not self.file(g).is_file():
-                continue
-            r = self.segment_range(g)
-            try:
-                with np.load(self.file(g), allow_pickle=False) as z:  # reads only these arrays
-                    seg = {k: z[k] for k in ("first", "count", "size", "mtime")}
-                if int(seg["first"]) != r.start or int(seg["count"]) != len(r) or len(seg["size"]) != len(r):
-                    raise ValueError("another layout")
-            except Exception:  # noqa: BLE001 - damaged or foreign: embed it again
-                self.file(g).unlink(missing_ok=True)
-                continue
-            if all(_stat_pair(photos[i]) == (int(seg["size"][j]), int(seg["mtime"][j])) for j, i in enumerate(r)):
-                out.add(g)
-        return out
-
-    def save(self, g: int, parts: list, photos: _CatalogPaths) -> None:
-        from common.io import atomic_path
-
-        r = self.segment_range(g)
-        sizes = np.full(len(r), -1, np.int64)
-        mtimes = np.full(len(r), -1, np.int64)
-        shas = np.zeros(len(r), "S64")
-        errors = [""] * len(r)
-        ok: list[int] = []
-        vectors = []
-        for chunk, infos, vec, good in parts:
-            for j, d in zip(chunk, infos):
-                k = j - r.start
-                if d.error is None:
-                    sizes[k], mtimes[k], shas[k] = d.size, d.mtime_ns, d.sha256.encode("ascii")
-                else:
-                    sizes[k], mtimes[k] = _stat_pair(photos[j])
-                    errors[k] = d.error
-            ok.extend(chunk[j] - r.start for j in good)
-            vectors.append(np.asarray(vec, np.float32))
-        if sorted(ok) != ok or len(ok) != sum(len(v) for v in vectors):
-            raise RuntimeError("internal error: segment parts out of order")
-        with atomic_path(self.file(g), suffix=".npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, first=np.int64(r.start), count=np.int64(len(r)), ok=np.asarray(ok, np.int64),
-                         vectors=np.concatenate(vectors, axis=0), size=sizes, mtime=mtimes, sha256=shas,
-                         errors=np.asarray(errors, dtype=str))
-                f.flush()
-                os.fsync(f.fileno())
-
-    def load(self, g: int) -> dict[str, np.ndarray]:
-        r = self.segment_range(g)
-        try:
-            with np.load(self.file(g), allow_pickle=False) as z:
-                seg = {k: z[k] for k in ("first", "count", "ok", "vectors", "size", "mtime", "sha256", "errors")}
-        except Exception as exc:  # noqa: BLE001 - damaged: embed it again
-            raise IndexFileError(f"damaged resume segment {self.file(g)}: {exc}") from None
-        n = len(r)
-        ok = seg["ok"]
-        if (int(seg["first"]) != r.start or int(seg["count"]) != n or len(seg["size"]) != n
-                or len(seg["errors"]) != n or seg["vectors"].ndim != 2 or len(seg["vectors"]) != len(ok)
-                or (len(ok) and (int(ok.min()) < 0 or int(ok.max()) >= n))):
-            raise IndexFileError(f"resume segment {self.file(g)} does not match this build")
-        return seg
-
-    def remove(self) -> None:
-        import shutil
-
-        shutil.rmtree(self.dir, ignore_errors=True)
-        try:
-            self.dir.parent.rmdir()  # .work, when empty
-        except OSError:
-            pass
-
-
-def _stat_pair(path: Path) -> tuple[int, int]:
-    try:
-        st = path.stat()
-        return st.st_size, st.st_mtime_ns
-    except OSError:
-        return -1, -1
 
 
 def _utc_now() -> str:
@@ -710,8 +114,6 @@ def build_catalog_index(bundle_path: str | os.PathLike, catalog_root: str | os.P
     """
     if workers < 1 or threads < 1 or batch_size < 1 or segment_images < 1:
         raise FedcbirError("workers, threads, batch size and segment size must be >= 1")
-    from retrieval.search import open_bundle
-
     bundle = open_bundle(bundle_path, check="all")
     # one writer at a time; the manifest is read again under the lock
     with _BundleLock(Path(bundle.path)):
@@ -727,7 +129,6 @@ def _build_locked(bundle, catalog_root, *, runtime, precision, dtype, update, th
 
     from catalog.abo import AboCatalog, IMAGES_DIR
     from common.progress import progress_bar
-    from retrieval.search import check_model, iter_embedded, load_model, model_record, preprocess_of
 
     t_start = time.perf_counter()
     bundle_dir = Path(bundle.path)
@@ -782,10 +183,10 @@ def _build_locked(bundle, catalog_root, *, runtime, precision, dtype, update, th
             return report
         # embed: finished segments persist in the bundle's index work folder, so an
         # interrupted run (Ctrl-C, a kill, a crash) resumes where it stopped
-        partial = _Partial.begin(bundle_dir, _resume_key(rec, root, old_entry if update else None, work,
-                                                         batch_size, segment_images),
-                                 len(work.items), segment_images)
-        photos = _CatalogPaths(root / IMAGES_DIR, work.items)
+        partial = Partial.begin(bundle_dir, resume_key(rec, root, old_entry if update else None, work,
+                                                       batch_size, segment_images),
+                                len(work.items), segment_images)
+        photos = CatalogPaths(root / IMAGES_DIR, work.items)
         t_embed = time.perf_counter()
         reused = partial.reusable(photos)
         todo = [g for g in range(partial.segments) if g not in reused]
@@ -970,7 +371,7 @@ def _prepare(bundle, old_entry, products, root: Path, dtype: str, tmp: dict, emb
     from retrieval.store import Store, listing_hash
 
     bundle_dir = Path(bundle.path)
-    work = _Work()
+    work = Work()
     removed: list[int] = []
     changed_meta = 0
     if old_entry is None:
@@ -1016,7 +417,7 @@ def _prepare(bundle, old_entry, products, root: Path, dtype: str, tmp: dict, emb
             path = root / IMAGES_DIR / rel
             if img is None:
                 # new photo, or one that failed before: retried only if its file changed since
-                if (p.item_id, rel) not in skipped or skipped[(p.item_id, rel)] != _stat_pair(path):
+                if (p.item_id, rel) not in skipped or skipped[(p.item_id, rel)] != stat_pair(path):
                     work.items.append((p.item_id, rel, is_main))
             elif _file_changed(path, img, store):
                 removed.append(img.key)
@@ -1053,49 +454,3 @@ def _file_changed(path: Path, img, store) -> bool:
     if same:
         store.touch_image(img.key, st.st_size, st.st_mtime_ns)
     return not same
-
-
-def describe_bundle(bundle_path: str | os.PathLike) -> dict[str, Any]:
-    """``catalog-search info``: the bundle's models and its index, every checksum verified."""
-    from export.runtime import Bundle, read_manifest
-
-    bundle_dir = Path(bundle_path)
-    bundle = Bundle(bundle_dir, read_manifest(bundle_dir))
-    models = []
-    for rt, prec, name in bundle.models():
-        try:
-            bundle.check_file(name)
-            status = "ok"
-        except FedcbirError as exc:
-            status = f"damaged: {exc}"
-        models.append({"file": name, "runtime": rt, "precision": prec, "bytes": bundle.files[name]["bytes"],
-                       "status": status})
-    out: dict[str, Any] = {"bundle": str(bundle_dir), "embedding_dim": bundle.dim, "input_size": bundle.input_size,
-                           "models": models, "index": None}
-    entry = bundle.manifest.get(INDEX_KEY)
-    if entry is None:
-        return out
-    idx: dict[str, Any] = {k: entry.get(k) for k in ("dtype", "metric", "ndim", "count", "products", "skipped",
-                                                     "deleted_slots", "generation", "built", "updated", "model",
-                                                     "catalog", "usearch_version", "exact_vectors")}
-    try:
-        idx["bytes"] = sum(int(f.get("bytes", 0)) for f in (entry.get("files") or {}).values())
-        idx["files"] = {r: f.get("path") for r, f in (entry.get("files") or {}).items()}
-    except (AttributeError, TypeError, ValueError):
-        idx["bytes"], idx["files"] = 0, {}
-    try:
-        opened = CatalogIndex.open(bundle_dir, entry, view=True)
-        try:
-            idx["product_types"] = opened.store.product_types()
-            idx["skipped_examples"] = [{"item_id": i, "image": p, "reason": r} for i, p, r in opened.store.skipped(5)]
-            idx["open_ms"] = {k: round(v, 2) for k, v in opened.open_seconds.items()}
-        finally:
-            opened.close()
-        idx["status"] = "ok"
-    except FedcbirError as exc:
-        idx["status"] = f"damaged: {exc}"
-    for key in ("model", "catalog"):
-        if not isinstance(idx.get(key), dict):
-            idx[key] = {}
-    out["index"] = idx
-    return out

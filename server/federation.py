@@ -39,7 +39,8 @@ from flwr.app import ConfigRecord, Message
 from common.errors import FedcbirError
 from common.io import append_jsonl, write_json_atomic
 from server.runconfig import RunConfig
-from server.strategies import (make_strategy, optimizer_state, restore_optimizer_state, to_numpy, to_record)
+from server.strategies import make_strategy, optimizer_state, restore_optimizer_state
+from server.validation import to_numpy, to_record
 
 CHECKPOINT_DIR = "checkpoints"
 CLIENT_KEYS = {  # metrics.jsonl client field <- reply metric
@@ -143,7 +144,7 @@ def run_folder_state(run_dir: Path, run_config: Mapping[str, Any], *,
 
 
 def _info_from_reason(reason: str) -> tuple[dict[str, Any], str]:
-    from edge_client.node import TAG_RE
+    from server.runconfig import TAG_RE
 
     m = TAG_RE.search(reason or "")
     if not m:
@@ -165,7 +166,7 @@ class Federation:
     # ------------------------------------------------------------------ setup
     def _setup(self):
         from catalog.dataset import CatalogSplit
-        from models.canonical import init_weights
+        from models.initial import init_weights
         from server.evaluation import ServerEvaluator
 
         cfg = self.cfg
@@ -178,7 +179,7 @@ class Federation:
         # only the trained part travels (and, under FedBN, not its BN tensors); devices hold the
         # frozen part themselves and check it against this digest
         from models import canonical
-        from models.pretrained import frozen_digest
+        from models.canonical import frozen_digest
 
         self.shared = cfg.shared_names(self.spec)
         self.frozen = canonical.frozen_names(self.spec, cfg.trained_from())
@@ -195,7 +196,7 @@ class Federation:
                 raise FedcbirError(f"{self.out} already holds a federated run: resume it or use another output folder")
             self.weights = init_weights(self.spec, cfg.seed)
             if self.spec.pretrained:  # projection from the catalog's own main photos
-                from models.pretrained import catalog_projection, main_photos
+                from models.projection import catalog_projection, main_photos
 
                 self.weights = catalog_projection(self.spec, self.weights, main_photos(self.split, self.pre,
                                                   seed=cfg.seed), cfg.seed, cfg.eval_framework)

@@ -80,7 +80,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideAdaptiveClippi
 
 from common.errors import FedcbirError
 from server import validation
-from server.strategies import ValidatingMixin, to_numpy, to_record
+from server.validation import ValidatingMixin, to_numpy, to_record
 
 WRAPPERS = {
     "server-fixed": DifferentialPrivacyServerSideFixedClipping,
@@ -266,20 +266,6 @@ def summary_line(summary: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- strategies
-
-
-class SampledGrid:
-    """The Grid as a strategy sees it in one round: only the sampled nodes."""
-
-    def __init__(self, grid, node_ids: Iterable[int]):
-        self._grid = grid
-        self._ids = list(node_ids)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self._ids)
-
-    def __getattr__(self, name: str):
-        return getattr(self._grid, name)
 
 
 class FixedDenominatorMixin:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -33,6 +34,13 @@ DP_STRATEGIES = ("fedavg", "fedprox")  # plain (weighted) averaging: the sensiti
 ACCOUNTANTS = ("rdp", "pld")
 FRAMEWORK_CODES = {"torch": 0, "tf": 1, "jax": 2}
 ISOLATION = ("process", "inline")
+#: How a client names itself at the end of an error reason (the server reads it back into
+#: the round's report even when the reply has no metrics): ``[partition=P framework=F profile=X]``.
+TAG_RE = re.compile(r"\[partition=(-?\d+) framework=(\S+) profile=([^\]\s]+)\]")
+
+
+def client_tag(partition: int, framework: str, profile: str) -> str:
+    return f"[partition={partition} framework={framework} profile={profile}]"
 
 #: run-config key -> default (types matter: Flower keeps TOML types).
 DEFAULTS: dict[str, Any] = {

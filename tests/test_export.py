@@ -57,14 +57,14 @@ def _catalog_x(root, n_products=12):
 def checkpoint(sample_catalog, tmp_path_factory):
     """Init weights with BN statistics recalibrated on catalog photos (realistic activations
     for int8 calibration), type head included (export must drop it)."""
-    from models import canonical
+    from models import initial
     from models.api import TrainConfig, make_trainer
     from models.checkpoint import save_checkpoint
 
     spec = _spec()
     x, pre = _catalog_x(sample_catalog)
     t = make_trainer("torch", spec, TrainConfig(threads=1))
-    t.set_weights(canonical.init_weights(spec, 0))
+    t.set_weights(initial.init_weights(spec, 0))
     t.recalibrate_bn([x])
     path = tmp_path_factory.mktemp("ckpt") / "round-0007"
     save_checkpoint(path, t.get_weights(), {"arch": spec, "preprocessing": pre.to_dict(),

@@ -7,7 +7,6 @@ memory test, which runs real child processes (``edge_client.worker``).
 from __future__ import annotations
 
 import json
-import shutil
 import tomllib
 from pathlib import Path
 
@@ -23,7 +22,8 @@ from edge_client.app import app as client_app  # noqa: E402
 from server.federation import Federation  # noqa: E402
 from server.inprocess import InProcessGrid  # noqa: E402
 from server.runconfig import DEFAULTS, RunConfig  # noqa: E402
-from server.strategies import make_strategy, to_numpy, to_record  # noqa: E402
+from server.strategies import make_strategy  # noqa: E402
+from server.validation import to_numpy, to_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,7 +97,7 @@ def test_client_holdout_is_deterministic_and_disjoint(tiny_catalog):
 
 def _fake_round(strategy_name, replies_spec, catalog):
     """configure_train on a 1-node grid, then hand-made replies to aggregate_train."""
-    from models.canonical import init_weights
+    from models.initial import init_weights
 
     cfg = RunConfig.from_flower(_rc(catalog, strategy=strategy_name))
     spec = cfg.arch_spec(3)

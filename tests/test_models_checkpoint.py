@@ -6,6 +6,7 @@ import pytest
 
 from common.errors import FedcbirError
 from models import canonical
+from models import initial
 from models.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
 from models.spec import ArchSpec
 
@@ -18,7 +19,7 @@ def _meta():
 
 
 def test_round_trip_prefix(tmp_path):
-    w = canonical.init_weights(SPEC, 4)
+    w = initial.init_weights(SPEC, 4)
     json_path = save_checkpoint(tmp_path / "round-0003", w, _meta())
     assert json_path == tmp_path / "round-0003.json"
     assert (tmp_path / "round-0003.npz").is_file()
@@ -36,7 +37,7 @@ def test_round_trip_prefix(tmp_path):
 def test_round_trip_directory_and_float64_input(tmp_path):
     d = tmp_path / "ckpt"
     d.mkdir()
-    w = {k: v.astype(np.float64) for k, v in canonical.init_weights(SPEC).items()}
+    w = {k: v.astype(np.float64) for k, v in initial.init_weights(SPEC).items()}
     save_checkpoint(d, w, {"arch": SPEC.to_dict()})
     assert checkpoint_paths(d) == (d / "model.npz", d / "model.json")
     w2, _ = load_checkpoint(d)
@@ -44,7 +45,7 @@ def test_round_trip_directory_and_float64_input(tmp_path):
 
 
 def test_tampered_truncated_missing(tmp_path):
-    w = canonical.init_weights(SPEC)
+    w = initial.init_weights(SPEC)
     prefix = tmp_path / "c"
     save_checkpoint(prefix, w, _meta())
     npz = tmp_path / "c.npz"
@@ -66,7 +67,7 @@ def test_tampered_truncated_missing(tmp_path):
 
 
 def test_damaged_json_and_wrong_architecture(tmp_path):
-    w = canonical.init_weights(SPEC)
+    w = initial.init_weights(SPEC)
     prefix = tmp_path / "c"
     json_path = save_checkpoint(prefix, w, _meta())
     original = json_path.read_text()
@@ -82,7 +83,7 @@ def test_damaged_json_and_wrong_architecture(tmp_path):
 
 
 def test_save_validates(tmp_path):
-    w = canonical.init_weights(SPEC)
+    w = initial.init_weights(SPEC)
     with pytest.raises(FedcbirError, match="arch"):
         save_checkpoint(tmp_path / "x", w, {})
     with pytest.raises(FedcbirError, match="missing tensor"):

@@ -12,7 +12,7 @@ from models.threads import set_threads
 
 set_threads(1)  # before any framework import
 
-from models import canonical, parity  # noqa: E402
+from models import canonical, initial, parity  # noqa: E402
 from models.api import FRAMEWORKS, TrainConfig, local_train, make_trainer  # noqa: E402
 from models.losses import jax_loss, numpy_loss, tf_loss, torch_loss  # noqa: E402
 from models.optim import OptimConfig  # noqa: E402
@@ -66,7 +66,7 @@ def test_builders_produce_the_canonical_names_and_shapes():
 def test_converters_are_lossless():
     from models import flax_model, keras_model, torch_model
 
-    w = canonical.init_weights(SMALL, 3)
+    w = initial.init_weights(SMALL, 3)
     rng = np.random.default_rng(0)
     w = {k: (v + rng.standard_normal(v.shape)).astype(np.float32) for k, v in w.items()}
     w = {k: np.abs(v) if canonical.is_bn_stat(k) else v for k, v in w.items()}
@@ -136,7 +136,7 @@ def test_recalibrate_bn_matches_manual_and_across_frameworks(batch):
 
     x = batch[0]
     x2 = parity.synthetic_batch(32, 4, 4, seed=9)[0]
-    w = canonical.init_weights(SMALL, 0)
+    w = initial.init_weights(SMALL, 0)
     out = {}
     for fw in FRAMEWORKS:
         t = make_trainer(fw, SMALL, TrainConfig())
@@ -178,7 +178,7 @@ def test_jax_depthwise_paths_agree(batch):
 
 def test_local_train_and_type_only_labels(batch):
     x, labels, types = batch
-    w = canonical.init_weights(SMALL, 0)
+    w = initial.init_weights(SMALL, 0)
     cfg = TrainConfig(optim=parity.PARITY_OPTIMIZERS["sgd"], prox_mu=0.1, type_weight=0.5)
     new, m = local_train("torch", SMALL, w, [(x, labels, types)] * 2, cfg)
     assert m["steps"] == 2 and m["loss"] > 0 and m["loss_type"] > 0

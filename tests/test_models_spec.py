@@ -8,6 +8,7 @@ import pytest
 
 from common.errors import FedcbirError
 from models import canonical
+from models import initial
 from models.api import TrainConfig, shared_names
 from models.optim import OptimConfig
 from models.spec import MOBILENET_V3_SMALL, ArchSpec, BlockSpec, flops, make_divisible, resolve
@@ -77,12 +78,12 @@ def test_canonical_names_match_torch_state_dict():
 
 def test_init_is_deterministic_and_per_name():
     spec = ArchSpec(width=0.5, input_size=32)
-    a, b, c = (canonical.init_weights(spec, 0), canonical.init_weights(spec, 0),
-               canonical.init_weights(spec, 1))
+    a, b, c = (initial.init_weights(spec, 0), initial.init_weights(spec, 0),
+               initial.init_weights(spec, 1))
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not np.array_equal(a["stem.conv.weight"], c["stem.conv.weight"])
     # adding a type head does not change the backbone's initialisation
-    d = canonical.init_weights(spec.replace(num_types=5), 0)
+    d = initial.init_weights(spec.replace(num_types=5), 0)
     assert all(np.array_equal(a[k], d[k]) for k in a)
     assert all(v.dtype == np.float32 for v in a.values())
     assert np.all(a["stem.bn.weight"] == 1) and np.all(a["stem.bn.running_var"] == 1)
@@ -94,7 +95,7 @@ def test_init_is_deterministic_and_per_name():
 
 def test_validate_weights_names_first_offender():
     spec = ArchSpec(width=0.5, input_size=32)
-    w = canonical.init_weights(spec)
+    w = initial.init_weights(spec)
     canonical.validate_weights(spec, w)
     cases = [
         ({k: v for k, v in w.items() if k != "head.bn.bias"}, "missing tensor 'head.bn.bias'"),

@@ -22,8 +22,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from common.errors import FedcbirError  # noqa: E402
-from models import canonical  # noqa: E402
+from models import canonical, initial  # noqa: E402
 from models import pretrained as P  # noqa: E402
+from models import projection  # noqa: E402
 from models.spec import preprocess_kwargs, preset, resolve  # noqa: E402
 
 REAL = Path(__file__).parent / "data" / "abo-real"
@@ -72,7 +73,7 @@ def test_converter_fills_every_backbone_tensor():
     assert np.array_equal(conv["blocks.0.dw.bn.running_var"], pkg["_blocks.0._bn1.running_var"])
     assert np.array_equal(conv["blocks.5.expand.bn.weight"], pkg["_blocks.5._bn0.weight"])
     assert conv["head.conv.weight"].shape == (1280, 320, 1, 1)
-    w = canonical.init_weights(spec, 0)
+    w = initial.init_weights(spec, 0)
     canonical.validate_weights(spec, w)
     assert np.allclose(w["proj.weight"] @ w["proj.weight"].T, np.eye(256), atol=1e-5)
 
@@ -99,7 +100,7 @@ def test_imagenet_classes_of_real_abo_photos(framework, real_photos):
     from models.api import TrainConfig, make_trainer
 
     spec = preset(input_size=224)
-    w = {k: v for k, v in canonical.init_weights(spec, 0).items() if not k.startswith("proj.")}
+    w = {k: v for k, v in initial.init_weights(spec, 0).items() if not k.startswith("proj.")}
     fc_w, fc_b = P.imagenet_classifier()
     # the projection slot carries the 1000-class ImageNet head here: 1280 -> 1000 logits
     w["proj.weight"], w["proj.bias"] = fc_w, fc_b
@@ -135,7 +136,7 @@ def test_partial_fine_tuning_freezes_and_cache_is_exact(tiny_catalog):
     split = CatalogSplit.load(tiny_catalog)
     spec = preset(input_size=64, num_types=len(split.type_names))
     table = split.table(split.train, Preprocess(**preprocess_kwargs(spec)))
-    w0 = canonical.init_weights(spec, 0)
+    w0 = initial.init_weights(spec, 0)
     results = []
     for cache_mb in (64, 0):
         cfg = TrainConfig(optim=OptimConfig(name="adamw", lr=3e-4), train_from=11, cache_mb=cache_mb, epochs=2)
@@ -166,7 +167,7 @@ def test_catalog_projection_keeps_pretrained_search(tiny_catalog):
     split = CatalogSplit.load(tiny_catalog)
     spec = preset(input_size=96, embedding_dim=16)
     pre = Preprocess(**preprocess_kwargs(spec))
-    w = P.catalog_projection(spec, canonical.init_weights(spec, 0), P.main_photos(split, pre), 0)
+    w = projection.catalog_projection(spec, initial.init_weights(spec, 0), projection.main_photos(split, pre), 0)
     W = w["proj.weight"]
     assert np.allclose(W @ W.T, np.eye(16), atol=1e-4)
     t = make_trainer("torch", spec, TrainConfig(threads=1))

@@ -26,7 +26,8 @@ from server import privacy  # noqa: E402
 from server.federation import Federation  # noqa: E402
 from server.inprocess import InProcessGrid  # noqa: E402
 from server.runconfig import RunConfig  # noqa: E402
-from server.strategies import make_strategy, to_numpy, to_record  # noqa: E402
+from server.strategies import make_strategy  # noqa: E402
+from server.validation import to_numpy, to_record  # noqa: E402
 
 DP = {"dp": "server-fixed", "clients-per-round": 4, "dp-clip": 0.5, "dp-noise": 1.0}
 
@@ -109,7 +110,7 @@ class _Grid(InProcessGrid):
 
 
 def _weights(catalog, **kw):
-    from models.canonical import init_weights
+    from models.initial import init_weights
 
     cfg = RunConfig.from_flower(_rc(catalog, **kw))
     spec = cfg.arch_spec(3)

@@ -132,11 +132,11 @@ def real_photo_weights():
     (ImageNet EfficientNet-Lite0, seeded orthogonal projection), at 128 px to keep the exports
     quick, with its own preprocessing (pad to a white square, inputs in [-1, 1])."""
     from catalog.images import Preprocess
-    from models import canonical
+    from models import initial
     from models.spec import preprocess_kwargs, preset
 
     spec = preset(input_size=128, embedding_dim=128)
-    return spec, canonical.init_weights(spec, 0), Preprocess(**preprocess_kwargs(spec))
+    return spec, initial.init_weights(spec, 0), Preprocess(**preprocess_kwargs(spec))
 
 
 # ----------------------------------------------------------------------------- catalogs, split, bundle

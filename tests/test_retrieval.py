@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _export(out: Path, embedding_dim: int, sample_catalog: Path) -> None:
     from export.bundle import ExportOptions, export_bundle
-    from models.canonical import init_weights
+    from models.initial import init_weights
     from models.checkpoint import save_checkpoint
     from models.spec import ArchSpec
 
@@ -123,7 +123,7 @@ def manifest(bundle: Path) -> dict:
 
 def test_index_is_recorded_in_the_manifest_and_keeps_the_export_checks(indexed_bundle, sample_catalog):
     from export.runtime import open_bundle
-    from retrieval.index import sha256_file
+    from retrieval.vectors import sha256_file
     from retrieval.store import Store
 
     m = manifest(indexed_bundle)
@@ -373,7 +373,7 @@ def test_update_applies_added_removed_and_changed_listings(tmp_path, onnx_bundle
 
 
 def test_update_compacts_when_many_photos_are_deleted(tmp_path, onnx_bundle, catalog_copy, capsys):
-    from retrieval.index import header
+    from retrieval.vectors import header
 
     bundle = tmp_path / "b"
     shutil.copytree(onnx_bundle, bundle)
@@ -387,7 +387,7 @@ def test_update_compacts_when_many_photos_are_deleted(tmp_path, onnx_bundle, cat
     entry = manifest(bundle)["index"]
     meta = header(bundle / entry["files"]["index"]["path"])
     assert meta["count_present"] == 200 and meta["count_deleted"] == 0
-    from retrieval.index import ExactVectors
+    from retrieval.vectors import ExactVectors
 
     ev = ExactVectors.load(bundle / entry["files"]["keys"]["path"], bundle / entry["files"]["vectors"]["path"])
     assert len(ev.keys) == 200
@@ -579,7 +579,7 @@ def test_query_does_not_import_torch_tensorflow_or_jax_and_starts_fast(indexed_b
 
 def test_usearch_then_onnxruntime_import_order_is_handled():
     """usearch imported first used to crash onnxruntime's import; retrieval.index imports it first."""
-    code = "from retrieval.index import usearch_index; usearch_index(); import onnxruntime; print('ok')"
+    code = "from retrieval.vectors import usearch_index; usearch_index(); import onnxruntime; print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
@@ -603,7 +603,7 @@ def test_index_of_a_catalog_without_usable_photos_changes_nothing(tmp_path, onnx
 
 def _index_contents(bundle: Path) -> tuple[list, dict]:
     """(store rows in key order, {key: f16 vector bytes}) of a bundle's published index."""
-    from retrieval.index import CatalogIndex
+    from retrieval.bundle_index import CatalogIndex
 
     entry = manifest(bundle)["index"]
     idx = CatalogIndex.open(bundle, entry, view=False)

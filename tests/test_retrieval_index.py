@@ -17,7 +17,7 @@ def unit(rng, n, d=32):
 
 @pytest.mark.parametrize("dtype", ["f32", "f16", "i8"])
 def test_explicit_keys_save_view_and_search(tmp_path, dtype):
-    from retrieval.index import VectorSearch, add_vectors, new_index, open_index, sha256_file
+    from retrieval.vectors import VectorSearch, add_vectors, new_index, open_index, sha256_file
 
     rng = np.random.default_rng(0)
     x = unit(rng, 500)
@@ -40,7 +40,7 @@ def test_explicit_keys_save_view_and_search(tmp_path, dtype):
 
 
 def test_short_results_are_padded(tmp_path):
-    from retrieval.index import VectorSearch, add_vectors, new_index
+    from retrieval.vectors import VectorSearch, add_vectors, new_index
 
     rng = np.random.default_rng(1)
     idx = new_index(32, "f16")
@@ -53,7 +53,7 @@ def test_short_results_are_padded(tmp_path):
 
 
 def test_i8_reranking_with_exact_vectors_restores_recall(tmp_path):
-    from retrieval.index import ExactVectors, VectorSearch, add_vectors, new_index, save_npy
+    from retrieval.vectors import ExactVectors, VectorSearch, add_vectors, new_index, save_npy
 
     rng = np.random.default_rng(2)
     centres = unit(rng, 50, 64)
@@ -81,7 +81,7 @@ def test_i8_reranking_with_exact_vectors_restores_recall(tmp_path):
 
 
 def test_open_index_refuses_damage_and_mismatch(tmp_path):
-    from retrieval.index import IndexFileError, add_vectors, new_index, open_index, sha256_file
+    from retrieval.vectors import IndexFileError, add_vectors, new_index, open_index, sha256_file
 
     rng = np.random.default_rng(3)
     idx = new_index(32, "f16")
@@ -108,7 +108,7 @@ def test_open_index_refuses_damage_and_mismatch(tmp_path):
 
 
 def test_bad_vectors_and_keys_are_rejected():
-    from retrieval.index import add_vectors, as_keys, check_dtype, new_index
+    from retrieval.vectors import add_vectors, as_keys, check_dtype, new_index
 
     idx = new_index(8, "f16")
     with pytest.raises(FedcbirError, match="NaN"):
@@ -122,7 +122,7 @@ def test_bad_vectors_and_keys_are_rejected():
 
 
 def test_deleted_slots_trigger_compaction(tmp_path):
-    from retrieval.index import add_vectors, deleted_fraction, needs_compaction, new_index
+    from retrieval.vectors import add_vectors, deleted_fraction, needs_compaction, new_index
 
     rng = np.random.default_rng(4)
     idx = new_index(16, "f16")
@@ -201,7 +201,7 @@ def test_listing_hash_sees_metadata_and_photo_changes():
 
 
 def test_verified_files_are_not_hashed_again_until_they_change(tmp_path, monkeypatch):
-    import retrieval.index as ri
+    import retrieval.vectors as ri
 
     monkeypatch.setenv("FEDCBIR_CACHE_DIR", str(tmp_path / "cache"))
     f = tmp_path / "x.bin"

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def two_runtime_bundle(tmp_path_factory, sample_catalog) -> Path:
     from export.bundle import ExportOptions, export_bundle
-    from models.canonical import init_weights
+    from models.initial import init_weights
     from models.checkpoint import save_checkpoint
     from models.spec import ArchSpec
 
