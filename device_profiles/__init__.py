@@ -1,7 +1,7 @@
 """Device profiles (TOML, with sources) and the edge-device emulator.
 
-Light on purpose: it runs inside every client process, so it imports no deep-learning
-framework (numpy is imported only when the host is calibrated).
+Layer 1: imports only ``common``.  Light on purpose: it runs inside every client process, so it
+imports no deep-learning framework (numpy is imported only when the host is calibrated).
 """
 from .calibration import HostCalibration, calibration_path, load_or_calibrate
 from .emulator import (
