@@ -23,8 +23,8 @@ _REGISTRARS = [
     ("fedcbir.simulate", "register"),
     ("export.cli", "register"),
     ("server.deploy", "register"),
-    ("fedcbir.demo", "register"),
-    ("fedcbir.study", "register"),
+    ("fedcbir.demo.cli", "register"),
+    ("fedcbir.study.cli", "register"),
 ]
 
 

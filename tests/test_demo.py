@@ -38,7 +38,7 @@ def test_demo_refuses_bad_options_in_one_line(tmp_path, capsys, args, text):
 
 def test_demo_report_pieces(tmp_path):
     """The summary table and plots from metrics rows (no federation needed)."""
-    from fedcbir.demo import _device_table, plots
+    from fedcbir.demo.report import _device_table, plots
 
     def client(fw, prof, sim, rss):
         return {"framework": fw, "profile": prof, "status": "ok", "simulated_seconds": sim, "peak_rss_mb": rss}

@@ -443,7 +443,7 @@ def test_target_epsilon_stops_cleanly_with_last_checkpoint(tiny_catalog, tmp_pat
 
 
 def test_epsilon_in_round_line_demo_report_and_summary_line():
-    from fedcbir.demo import _privacy_md
+    from fedcbir.demo.report import _privacy_md
     from common.flower import round_line
     from server.privacy import describe, summary_line
 

@@ -1,4 +1,4 @@
-"""``fedcbir study`` (fedcbir/study.py): argument errors, the aggregation math, determinism
+"""``fedcbir study`` (fedcbir/study/): argument errors, the aggregation math, determinism
 with the in-process runtime, and (slow) one real study on Flower's simulation runtime."""
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from fedcbir import study as st  # noqa: E402
+from fedcbir.study import cli as st_cli  # noqa: E402
+from fedcbir.study import export as st_export  # noqa: E402
+from fedcbir.study import plan as st_plan  # noqa: E402
+from fedcbir.study import plots as st_plots  # noqa: E402
+from fedcbir.study import report as st_report  # noqa: E402
+from fedcbir.study import repro as st_repro  # noqa: E402
+from fedcbir.study import stats as st_stats  # noqa: E402
 
 TINY = ["--no-device-eval", "--scratch-arm", "none", "--set", "arch=mobilenetv3-small", "--set", "lr=0.002", "--set", "bn-policy=local", "--set", "width=0.35", "--set", "input-size=32", "--set", "embedding-dim=32",
         "--set", "products-per-batch=4", "--set", "fraction-evaluate=0"]
@@ -45,21 +51,21 @@ def _err(capsys) -> str:
     (["--latency-repeats", "0"], "--latency-repeats"),
 ])
 def test_argument_errors_are_one_line(tiny_catalog, tmp_path, capsys, extra, needle):
-    rc = st.main(["--catalog", str(tiny_catalog), "--out", str(tmp_path / "s"), *extra])
+    rc = st_cli.main(["--catalog", str(tiny_catalog), "--out", str(tmp_path / "s"), *extra])
     assert rc == 2
     assert needle in _err(capsys)
     assert not (tmp_path / "s").exists()  # nothing written before the arguments are good
 
 
 def test_catalog_errors_are_one_line(tiny_catalog, tmp_path, capsys):
-    assert st.main(["--out", str(tmp_path / "s")]) == 2
+    assert st_cli.main(["--out", str(tmp_path / "s")]) == 2
     assert "--sample" in _err(capsys)
-    assert st.main(["--catalog", str(tmp_path / "missing"), "--out", str(tmp_path / "s")]) == 2
+    assert st_cli.main(["--catalog", str(tmp_path / "missing"), "--out", str(tmp_path / "s")]) == 2
     assert "not found" in _err(capsys)
-    assert st.main(["--catalog", str(tiny_catalog), "--products", "500", "--out", str(tmp_path / "s")]) == 2
+    assert st_cli.main(["--catalog", str(tiny_catalog), "--products", "500", "--out", str(tmp_path / "s")]) == 2
     assert "not both" in _err(capsys)
     # more clients than training products: refused before any federation starts
-    assert st.main(["--catalog", str(tiny_catalog), "--clients", "500", "--out", str(tmp_path / "s")]) == 2
+    assert st_cli.main(["--catalog", str(tiny_catalog), "--clients", "500", "--out", str(tmp_path / "s")]) == 2
     assert "500" in _err(capsys)
     assert not (tmp_path / "s").exists()
 
@@ -70,20 +76,20 @@ def test_products_option_generates_a_bigger_sample_into_the_cache(tmp_path, monk
 
     monkeypatch.setenv("FEDCBIR_CACHE_DIR", str(tmp_path / "cache"))
     parser = argparse.ArgumentParser()
-    st.register(parser.add_subparsers())
+    st_cli.register(parser.add_subparsers())
     args = parser.parse_args(["study", "--products", "12", "--views", "3", "--out", str(tmp_path / "s")])
-    root = st.resolve_catalog(args)
+    root = st_plan.resolve_catalog(args)
     assert root.parent == tmp_path / "cache" and "12x3" in root.name
     from catalog.sample import read_sample_marker
 
     marker = read_sample_marker(root)
     assert marker["complete"] and marker["products"] == 12 and marker["views"] == 3
-    assert st.resolve_catalog(args) == root  # generated once, then reused
+    assert st_plan.resolve_catalog(args) == root  # generated once, then reused
 
 
 def test_help_has_an_example(capsys):
     with pytest.raises(SystemExit) as exc:
-        st.main(["study", "--help"])
+        st_cli.main(["study", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "example: fedcbir study --sample" in out and "--runtime" in out and "--products" in out
@@ -111,7 +117,7 @@ def _rows(recalls, fw="torch", sim=(10.0, 20.0), rss=(400.0, 500.0)):
 
 def test_federation_stats_on_synthetic_rows():
     rows = _rows([0.02, 0.05, 0.12, 0.08])
-    s = st.federation_stats(list(reversed(rows)), target=0.10)  # order does not matter
+    s = st_stats.federation_stats(list(reversed(rows)), target=0.10)  # order does not matter
     assert s["rounds"] == 3 and s["curve"]["round"] == [0, 1, 2, 3]
     assert s["final"]["recall@1"] == 0.08 and s["final"]["map@r"] == 0.04
     assert s["initial"]["recall@1"] == 0.02 and s["best_recall@1"] == 0.12
@@ -125,27 +131,27 @@ def test_federation_stats_on_synthetic_rows():
     assert s["client_status"] == {"ok": 6, "dropped": 3}
     assert s["by_framework"]["torch"]["client_rounds_ok"] == 6
     # never reached; exactly at the target counts; round 0 counts
-    assert st.rounds_to_target(_rows([0.0, 0.05, 0.09]), 0.10) is None
-    assert st.rounds_to_target(_rows([0.0, 0.1, 0.2]), 0.10) == 1
-    assert st.rounds_to_target(_rows([0.3, 0.1]), 0.10) == 0
+    assert st_stats.rounds_to_target(_rows([0.0, 0.05, 0.09]), 0.10) is None
+    assert st_stats.rounds_to_target(_rows([0.0, 0.1, 0.2]), 0.10) == 1
+    assert st_stats.rounds_to_target(_rows([0.3, 0.1]), 0.10) == 0
     # the fields an ok client reports (runs made by different code versions differ here)
-    schema = st.client_schema(rows)
-    assert "peak_rss_mb" in schema and "simulated_seconds" in schema and st.client_schema(rows[:1]) == ()
+    schema = st_stats.client_schema(rows)
+    assert "peak_rss_mb" in schema and "simulated_seconds" in schema and st_stats.client_schema(rows[:1]) == ()
     # a round written twice (resume after a crash): the last line wins
     dup = _rows([0.0, 0.05]) + [dict(_rows([0.0, 0.07])[1])]
-    assert st.federation_stats(dup, 0.1)["final"]["recall@1"] == 0.07
+    assert st_stats.federation_stats(dup, 0.1)["final"]["recall@1"] == 0.07
 
 
 def test_mean_std_and_aggregate_over_seeds():
-    m = st.mean_std([1.0, 2.0, 3.0, None, float("nan")])
+    m = st_stats.mean_std([1.0, 2.0, 3.0, None, float("nan")])
     assert m["mean"] == 2.0 and m["std"] == pytest.approx(1.0) and m["n"] == 3  # sample std (n-1)
-    assert st.mean_std([0.5]) == {"mean": 0.5, "std": None, "n": 1, "values": [0.5]}
-    assert st.mean_std([])["mean"] is None
+    assert st_stats.mean_std([0.5]) == {"mean": 0.5, "std": None, "n": 1, "values": [0.5]}
+    assert st_stats.mean_std([])["mean"] is None
 
-    per_seed = {0: st.federation_stats(_rows([0.02, 0.05, 0.12]), 0.10),
-                1: st.federation_stats(_rows([0.04, 0.07, 0.08]), 0.10),
-                2: st.federation_stats(_rows([0.03, 0.11, 0.20], rss=(600.0, 700.0)), 0.10)}
-    a = st.aggregate(per_seed, 0.10)
+    per_seed = {0: st_stats.federation_stats(_rows([0.02, 0.05, 0.12]), 0.10),
+                1: st_stats.federation_stats(_rows([0.04, 0.07, 0.08]), 0.10),
+                2: st_stats.federation_stats(_rows([0.03, 0.11, 0.20], rss=(600.0, 700.0)), 0.10)}
+    a = st_stats.aggregate(per_seed, 0.10)
     assert a["n"] == 3 and a["seeds"] == [0, 1, 2]
     finals = [0.12, 0.08, 0.20]
     mean = sum(finals) / 3
@@ -155,15 +161,15 @@ def test_mean_std_and_aggregate_over_seeds():
     assert a["rounds_to_target"]["per_seed"] == [2, None, 1] and a["rounds_to_target"]["reached"] == 2
     assert a["curve"]["round"] == [0, 1, 2]
     assert a["curve"]["recall@1_mean"][1] == pytest.approx((0.05 + 0.07 + 0.11) / 3)
-    assert st._fmt_rounds(a["rounds_to_target"]) == "2, not reached, 1 (reached in 2/3 seeds)"
-    none = st.aggregate({0: st.federation_stats(_rows([0.0, 0.01]), 0.10),
-                         1: st.federation_stats(_rows([0.0, 0.02]), 0.10)}, 0.10)
-    assert st._fmt_rounds(none["rounds_to_target"]) == "not reached (2/2 seeds)"
-    assert st._fmt(a["final_recall@1"]) == f"{mean:.3f} ± {std:.3f}"
-    assert st._fmt(st.mean_std([0.25])) == "0.250"  # one seed: no ± shown
+    assert st_report._fmt_rounds(a["rounds_to_target"]) == "2, not reached, 1 (reached in 2/3 seeds)"
+    none = st_stats.aggregate({0: st_stats.federation_stats(_rows([0.0, 0.01]), 0.10),
+                         1: st_stats.federation_stats(_rows([0.0, 0.02]), 0.10)}, 0.10)
+    assert st_report._fmt_rounds(none["rounds_to_target"]) == "not reached (2/2 seeds)"
+    assert st_report._fmt(a["final_recall@1"]) == f"{mean:.3f} ± {std:.3f}"
+    assert st_report._fmt(st_stats.mean_std([0.25])) == "0.250"  # one seed: no ± shown
     # seeds with different numbers of rounds: the curve keeps the rounds all of them have
-    short = st.aggregate({0: st.federation_stats(_rows([0.0, 0.1, 0.2]), 0.1),
-                          1: st.federation_stats(_rows([0.0, 0.1]), 0.1)}, 0.1)
+    short = st_stats.aggregate({0: st_stats.federation_stats(_rows([0.0, 0.1, 0.2]), 0.1),
+                          1: st_stats.federation_stats(_rows([0.0, 0.1]), 0.1)}, 0.1)
     assert short["curve"]["round"] == [0, 1]
 
 
@@ -173,9 +179,9 @@ def test_report_and_plots_from_synthetic_numbers(tmp_path):
     results = {}
     for label, fws, recs in (("torch", ["torch"], [0.02, 0.05, 0.12]), ("tf", ["tf"], [0.02, 0.04, 0.06]),
                              ("mixed", ["torch", "tf"], [0.02, 0.05, 0.09])):
-        per_seed = {s: dict(st.federation_stats(_rows([r + 0.01 * s for r in recs], fw=fws[0]), 0.10),
+        per_seed = {s: dict(st_stats.federation_stats(_rows([r + 0.01 * s for r in recs], fw=fws[0]), 0.10),
                             wall_seconds=60.0, run_state="ran") for s in (0, 1)}
-        results[label] = {"frameworks": fws, "per_seed": per_seed, "aggregate": st.aggregate(per_seed, 0.10)}
+        results[label] = {"frameworks": fws, "per_seed": per_seed, "aggregate": st_stats.aggregate(per_seed, 0.10)}
     eager = {"name": "torch eager", "path": "nn.Module", "median_ms": 8.0, "p90_ms": 9.0}
     f = {"file": "model.onnx", "runtime": "onnx", "format": "onnx", "bytes": 4_000_000, "median_ms": 1.0,
          "p90_ms": 1.2, "speedup_vs_eager": 8.0, "parity": {"max_abs_diff": 2e-6, "ok": True}}
@@ -188,24 +194,24 @@ def test_report_and_plots_from_synthetic_numbers(tmp_path):
                                     "bn-policy": "local"}},
         "data": {"0": {"train_products": 240, "test_products": 60, "test_queries": 300, "partition_products": [80] * 3},
                  "1": {"train_products": 240, "test_products": 60, "test_queries": 300, "partition_products": [80] * 3}},
-        "tolerance": {"runtime": "simulation", **st.tolerance_for("simulation", 300)},
+        "tolerance": {"runtime": "simulation", **st_repro.tolerance_for("simulation", 300)},
         "initial_weights_identical": True, "results": results,
-        "export": {"frameworks": {"torch": {"route": st.ROUTE_TEXT["torch"], "eager": eager, "files": [f]},
-                                  "tf": {"route": st.ROUTE_TEXT["tf"], "eager": None, "files": []}},
+        "export": {"frameworks": {"torch": {"route": st_export.ROUTE_TEXT["torch"], "eager": eager, "files": [f]},
+                                  "tf": {"route": st_export.ROUTE_TEXT["tf"], "eager": None, "files": []}},
                    "config": {"repeats": 100, "warmup": 10, "pinned_cpus": [1], "cpu": "x"},
                    "export_wall_seconds": 120.0},
         "repeat_check": {"federation": "torch-s0", "diff": {"recall@1": 0.03, "map@r": 0.0, "weights_max_abs_diff": 3e-3,
                                                             "identical_weights": False}, "within_tolerance": False},
         "notes": ["a note"],
     }
-    assert not st.within_tolerance(study["repeat_check"]["diff"], study["tolerance"])
-    assert st.within_tolerance({"recall@1": 0.02, "map@r": 0.0, "weights_max_abs_diff": 1.0}, study["tolerance"])
-    assert st.tolerance_for("simulation", 20)["recall@1"] == pytest.approx(0.1)  # 2 of 20 queries
-    plots = st.make_plots(study, tmp_path)
+    assert not st_repro.within_tolerance(study["repeat_check"]["diff"], study["tolerance"])
+    assert st_repro.within_tolerance({"recall@1": 0.02, "map@r": 0.0, "weights_max_abs_diff": 1.0}, study["tolerance"])
+    assert st_repro.tolerance_for("simulation", 20)["recall@1"] == pytest.approx(0.1)  # 2 of 20 queries
+    plots = st_plots.make_plots(study, tmp_path)
     assert set(plots) == {"recall", "seconds", "rss", "latency"}
     for name in plots.values():
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
-    md = st.render_report(study, plots)
+    md = st_report.render_report(study, plots)
     assert "| torch | 0.125 ± 0.007 |" in md  # final recall@1 0.12 / 0.13 over two seeds
     assert "| tf |" in md and "not reached (2/2 seeds)" in md
     assert "| mixed (torch/tf) |" in md and "### Inside the mixed federation" in md
@@ -214,13 +220,22 @@ def test_report_and_plots_from_synthetic_numbers(tmp_path):
     assert "- a note" in md and "![batch-1 latency](latency.png)" in md
 
 
+def test_plan_extra_arms_on_the_first_seeds_only(tmp_path):
+    feds = st_plan.plan(["torch", "tf"], [0, 1, 2], tmp_path, scratch="torch", iid_mixed=True, extra_seeds=1)
+    assert [f.name for f in feds] == ["torch-s0", "tf-s0", "mixed-s0", "mixed-iid-s0", "scratch-torch-s0",
+                                      "torch-s1", "tf-s1", "mixed-s1", "torch-s2", "tf-s2", "mixed-s2"]
+    iid = next(f for f in feds if f.label == "mixed-iid")
+    assert dict(iid.overrides) == {"partition": "iid"} and iid.frameworks == "torch,tf"
+    assert len(st_plan.plan(["torch", "tf"], [0, 1], tmp_path, scratch="torch", iid_mixed=True)) == 10
+
+
 def test_plan_is_seed_major_with_one_mixed_federation(tmp_path):
-    feds = st.plan(["torch", "tf", "jax"], [0, 1], tmp_path)
+    feds = st_plan.plan(["torch", "tf", "jax"], [0, 1], tmp_path)
     assert [f.name for f in feds] == ["torch-s0", "tf-s0", "jax-s0", "mixed-s0",
                                       "torch-s1", "tf-s1", "jax-s1", "mixed-s1"]
     assert feds[3].frameworks == "torch,tf,jax" and feds[3].run_dir == tmp_path / "runs" / "mixed-s0"
-    assert [f.name for f in st.plan(["tf"], [3], tmp_path)] == ["tf-s3"]  # no mixed with one framework
-    assert [f.label for f in st.plan(["tf", "jax"], [0], tmp_path, mixed=False)] == ["tf", "jax"]
+    assert [f.name for f in st_plan.plan(["tf"], [3], tmp_path)] == ["tf-s3"]  # no mixed with one framework
+    assert [f.label for f in st_plan.plan(["tf", "jax"], [0], tmp_path, mixed=False)] == ["tf", "jax"]
 
 
 # ----------------------------------------------------------------------------- determinism (in-process)
@@ -239,8 +254,8 @@ def test_same_seed_same_numbers_in_process(tiny_catalog, tmp_path, capsys):
               "--clients", "3", "--partition", "iid", "--runtime", "inprocess", "--no-export",
               *TINY, "--set", "client-isolation=inline"]
     a, b = tmp_path / "a", tmp_path / "b"
-    assert st.main([*common, "--repeat-check", "--out", str(a)]) == 0
-    assert st.main([*common, "--out", str(b)]) == 0
+    assert st_cli.main([*common, "--repeat-check", "--out", str(a)]) == 0
+    assert st_cli.main([*common, "--out", str(b)]) == 0
     sa, sb = (json.loads((d / "study.json").read_text()) for d in (a, b))
     assert sa["tolerance"]["runtime"] == "inprocess" and sa["tolerance"]["weights_max_abs_diff"] == 0.0
     rep = sa["repeat_check"]
@@ -263,14 +278,14 @@ def test_same_seed_same_numbers_in_process(tiny_catalog, tmp_path, capsys):
 
     # the same --out again: every federation is reused, the numbers are unchanged
     capsys.readouterr()
-    assert st.main([*common, "--out", str(b)]) == 0
+    assert st_cli.main([*common, "--out", str(b)]) == 0
     assert "reusing the finished run" in capsys.readouterr().out
     sb2 = json.loads((b / "study.json").read_text())
     assert sb2["results"]["torch"]["per_seed"]["0"]["run_state"] == "reused"
     assert sb2["results"]["torch"]["per_seed"]["0"]["final"] == pb["final"]
     # other settings in the same folder: refused, one line
     capsys.readouterr()
-    assert st.main([*common, "--set", "lr=0.01", "--out", str(b)]) == 2
+    assert st_cli.main([*common, "--set", "lr=0.01", "--out", str(b)]) == 2
     assert "other settings" in _err(capsys)
 
 
@@ -280,7 +295,7 @@ def test_interrupted_federation_resumes_to_identical_weights(tiny_catalog, tmp_p
     common = ["--catalog", str(tiny_catalog), "--frameworks", "torch", "--seeds", "1", "--rounds", "2",
               "--clients", "2", "--partition", "iid", "--runtime", "inprocess", "--no-export",
               *TINY, "--set", "client-isolation=inline", "--out", str(tmp_path / "s")]
-    assert st.main(common) == 0
+    assert st_cli.main(common) == 0
     before = json.loads((tmp_path / "s" / "study.json").read_text())["results"]["torch"]["per_seed"]["0"]
     run = tmp_path / "s" / "runs" / "torch-s0"
     (run / "summary.json").unlink()  # what a crash during round 2 leaves behind
@@ -290,7 +305,7 @@ def test_interrupted_federation_resumes_to_identical_weights(tiny_catalog, tmp_p
         p.unlink()
     lines = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:40])  # a cut line too
-    assert st.main(common) == 0
+    assert st_cli.main(common) == 0
     after = json.loads((tmp_path / "s" / "study.json").read_text())["results"]["torch"]["per_seed"]["0"]
     assert after["run_state"] == "resumed" and after["curve"] == before["curve"]
     assert after["final_weights"] == before["final_weights"]
@@ -308,7 +323,7 @@ def test_real_study_on_the_simulation_runtime(tiny_catalog, tmp_path):
         pytest.skip("needs torch, tensorflow and jax")
     out = tmp_path / "study"
     t0 = time.perf_counter()
-    assert st.main(["--catalog", str(tiny_catalog), "--frameworks", "torch,tf,jax", "--seeds", "1", "--rounds", "1",
+    assert st_cli.main(["--catalog", str(tiny_catalog), "--frameworks", "torch,tf,jax", "--seeds", "1", "--rounds", "1",
                     "--clients", "3", "--profile", "rpi4", "--partition", "iid", "--no-export", *TINY,
                     "--out", str(out)]) == 0
     print(f"study took {time.perf_counter() - t0:.0f} s")
@@ -352,7 +367,7 @@ def test_scratch_arm_device_protocol_and_paired_statistics(tiny_catalog, tmp_pat
     args = ["--catalog", str(tiny_catalog), "--frameworks", "torch", "--seeds", "2", "--rounds", "1",
             "--clients", "2", "--partition", "iid", "--runtime", "inprocess", "--no-export",
             "--set", "client-isolation=inline", "--set", "max-steps=2", "--out", str(out)]
-    assert st.main(args + ["--set", "input-size=64", "--set", "embedding-dim=16", "--scratch-arm", "torch"]) == 0
+    assert st_cli.main(args + ["--set", "input-size=64", "--set", "embedding-dim=16", "--scratch-arm", "torch"]) == 0
     study = json.loads((out / "study.json").read_text())
     assert study["labels"] == ["torch", "scratch-torch"]
     rc = json.loads((out / "runs" / "scratch-torch-s0" / "summary.json").read_text())["run_config"]
@@ -369,7 +384,7 @@ def test_scratch_arm_device_protocol_and_paired_statistics(tiny_catalog, tmp_pat
 
 
 def test_study_statistics():
-    from fedcbir.study_stats import ci95, paired
+    from fedcbir.study.stats import ci95, paired
 
     c = ci95([0.5, 0.6, 0.7])
     assert abs(c["mean"] - 0.6) < 1e-12 and abs(c["ci95"] - 4.302653 * 0.1 / 3 ** 0.5) < 1e-5

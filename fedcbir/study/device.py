@@ -4,8 +4,11 @@ The final global model of one federation is exported to an fp32 ``.tflite`` (Ker
 the whole catalog is indexed with LiteRT into an f16 usearch index, and ``catalog-search
 eval`` measures Recall@K with the test products' other photos as queries and the main photos
 of *every* catalog product as the gallery (what a device searches).  Runs in a fresh child
-process (``fedcbir.study._child``); the result is cached beside the bundle, keyed by the
+process (``fedcbir.study.child``); the result is cached beside the bundle, keyed by the
 checkpoint's weights.
+
+May import: ``common``, ``models``, ``server``, ``export``, ``retrieval``, and
+``fedcbir.study.child`` / ``fedcbir.study.util``.
 """
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
+
+from fedcbir.study.child import run_child
+from fedcbir.study.util import read_json
 
 
 def device_eval_job(job: Mapping[str, Any]) -> dict[str, Any]:
@@ -42,19 +48,19 @@ def device_eval_job(job: Mapping[str, Any]) -> dict[str, Any]:
 def device_eval(name: str, run_dir: Path, catalog: Path, seed: int, out: Path, log) -> dict[str, Any]:
     """The device-protocol numbers of one federation's final checkpoint (cached)."""
     from common.io import write_json_atomic
-    from fedcbir.study import _child, _read_json
     from models.checkpoint import load_checkpoint
     from server.federation import latest_checkpoint
 
     ck = latest_checkpoint(run_dir)
     _, meta = load_checkpoint(ck)
     cache = out / "device" / f"{name}.json"
-    old = _read_json(cache)
+    old = read_json(cache)
     if old and old.get("weights_sha256") == meta.get("npz_sha256"):
         return old["result"]
     log(f"device protocol: {name} (fp32 TFLite on LiteRT, whole catalog in the gallery)")
-    res = _child("_device", {"name": name, "checkpoint": str(ck.with_suffix("")), "catalog": str(catalog),
-                             "seed": seed, "bundle": str(out / "device" / name)}, timeout=3600)
+    res = run_child("_device", device_eval_job, {"name": name, "checkpoint": str(ck.with_suffix("")),
+                                                 "catalog": str(catalog), "seed": seed,
+                                                 "bundle": str(out / "device" / name)}, timeout=3600)
     write_json_atomic(cache, {"weights_sha256": meta.get("npz_sha256"), "result": res})
     shutil.rmtree(out / "device" / name, ignore_errors=True)  # the numbers are kept, not the bundle
     return res
