@@ -2,7 +2,7 @@
 
 For every framework in ``--frameworks`` and every seed, one federation in which only the
 clients' training framework differs: the same catalog, test split and client partitions (all
-derived from the seed), the same initial weights (``models.canonical.init_weights``: seeded
+derived from the seed), the same initial weights (``models.initial.init_weights``: seeded
 numpy, loaded into every framework), the same hyper-parameters, device profile(s), strategy and
 server-side evaluation (in PyTorch for all, so the measuring instrument is the same). Plus one
 mixed federation per seed (clients round-robin over the frameworks) unless ``--no-mixed``.
