@@ -70,3 +70,40 @@ def test_scale_training_rss_projection_adds_the_activation_cache_cap():
     row = summarize(sizes)[0]
     assert row["rss_mb_per_100k_images"] == 0.0 and row["abo_peak_rss_mb"] == 756
     assert row["activation_cache_mb"] == [22, 110] and row["activation_cache_cap_mb"] == 256
+
+
+def test_isolation_compares_the_same_federations_round_by_round(tmp_path, capsys):
+    """benchmarks.isolation on two hand-written study folders: only rounds both have count, round 1
+    apart, ratios process / inline; a folder without a common federation is a one-line error."""
+    import json
+
+    from benchmarks import isolation
+
+    def run(root, name, rounds):
+        d = root / "runs" / name
+        d.mkdir(parents=True)
+        lines = [{"round": 0, "clients": []}]
+        for rnd, secs in rounds:
+            lines.append({"round": rnd, "clients": [
+                {"status": "ok", "framework": "tf", "process_seconds": secs, "build_seconds": secs / 2,
+                 "first_step_seconds": 1.0, "steady_step_seconds": 0.5, "cpu_seconds": secs, "host_seconds": secs},
+                {"status": "offline", "framework": "tf"}]})
+        (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+    run(tmp_path / "a", "tf-s0", [(1, 40.0), (2, 30.0), (3, 30.0)])
+    run(tmp_path / "b", "tf-s0", [(1, 20.0), (2, 5.0)])  # interrupted after round 2
+    res = isolation.compare(tmp_path / "a", tmp_path / "b")
+    by_phase = {r["phase"]: r for r in res["rows"]}
+    assert res["federations"] == ["tf-s0"]
+    assert by_phase["round 1"]["process_seconds"]["ratio"] == 2.0
+    assert by_phase["rounds 2+"]["client_rounds"] == 1  # round 3 exists only in the process run
+    assert by_phase["rounds 2+"]["process_seconds"]["ratio"] == 6.0
+    isolation.print_table(res)
+    assert "| tf | rounds 2+ | 1 | 30.0 | 5.0 | 6.00× |" in capsys.readouterr().out
+    run(tmp_path / "c", "torch-s0", [(1, 1.0)])
+    try:
+        isolation.compare(tmp_path / "a", tmp_path / "c")
+    except SystemExit as exc:
+        assert "no federation folder is in both" in str(exc)
+    else:
+        raise AssertionError("no common federation must be an error")
