@@ -60,6 +60,11 @@ def flower_env(home: str | os.PathLike | None = None, base: dict[str, str] | Non
         env["FLWR_HOME"] = str(home)
     env["PATH"] = f"{bin_dir()}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # numpy's OpenBLAS on one thread in every Flower process we start: its server-side work is
+    # small (the initial projection's QR/SVD), clients train with one thread anyway, and once
+    # (1 of 5 federations, study of 2026-12-06) the simulation process spun for 15 minutes in
+    # OpenBLAS's exec_blas inside a 1280x256 QR with its worker threads gone
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
     env.setdefault("KERAS_BACKEND", "tensorflow")
     return env
 
