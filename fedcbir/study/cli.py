@@ -172,8 +172,10 @@ def cmd_study(args: argparse.Namespace) -> int:
     cfg_example = RunConfig.from_flower(rcs[feds[0].name])
     notes = []
     if cfg_example.client_isolation == "inline":
-        notes.append("client-isolation=inline: clients ran in the server's process, so peak RSS is that shared "
-                     "process's and says nothing about one framework.")
+        notes.append("client-isolation=inline: each client trained inside its long-lived client process (a Ray "
+                     "actor on the simulation runtime, shared by the clients it hosts; this process in process), "
+                     "so framework import, model build and tracing happen once per process, not per round, and "
+                     "peak RSS is that shared process's and says nothing about one framework.")
     if cfg_example.fraction_evaluate == 0:
         notes.append("Client-side evaluation is off (fraction-evaluate 0, the study default): it does not change "
                      "the model, only costs time; turn it on with --set fraction-evaluate=1.")

@@ -92,11 +92,12 @@ def render_report(study: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         "\"not reached\" within the rounds run.",
         "- **simulated s/round**: emulated seconds of the slowest device per round (compute scaled from this host "
         "to the profile by the calibrated virtual clock, plus transfer time); includes TF tracing and JAX "
-        "compilation in every fresh client process, as on a device.",
+        "compilation wherever the client process paid them (every round with client-isolation=process, once "
+        "per process with inline: see Notes).",
         "- **host s/round**: wall-clock seconds of a round on this host (all clients, aggregation, server "
         "evaluation); **client train s** / **client process s**: mean per client and round of the training loop "
         "alone / of the whole child process (interpreter + framework import + data + training).",
-        "- **peak RSS**: largest VmHWM of one client's child process (one framework each); "
+        "- **peak RSS**: largest VmHWM of one client's process (one framework each with client-isolation=process); "
         "**MB/round**: model bytes down + up summed over clients (same canonical arrays for every framework).",
         ""]
     lines += _device_section(study, labels, fws)
