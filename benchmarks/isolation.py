@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from common.flower import read_rows
+
 KEYS = ("process_seconds", "build_seconds", "first_step_seconds", "steady_step_seconds", "cpu_seconds",
         "host_seconds")
 
@@ -34,14 +36,7 @@ def _runs(folder: Path) -> Path:
 def _client_rows(run_dir: Path) -> dict[tuple[int, str], list[dict[str, Any]]]:
     """(round, framework) -> the ok clients' metric dicts."""
     out: dict[tuple[int, str], list[dict[str, Any]]] = {}
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return out
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
+    for row in read_rows(run_dir / "metrics.jsonl"):
         for c in row.get("clients") or []:
             if c.get("status") == "ok" and c.get("framework"):
                 out.setdefault((int(row["round"]), c["framework"]), []).append(c)
