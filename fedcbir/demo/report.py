@@ -154,7 +154,7 @@ def report_md(result: dict[str, Any], rows: list[dict[str, Any]], out: Path) -> 
         "## Federation", "",
         f"Three emulated devices ({', '.join(f'{f} on {p}' for f, p in DEVICES)}), Flower simulation runtime, "
         f"{s['strategy']}, partition {s['partition']}, {s['rounds']} rounds x {s['local_epochs']} local epochs, "
-        f"seed {s['seed']}. Server-side evaluation on the {fed.get('test_products')} test products after each "
+        f"AdamW lr {s['lr']:g}, seed {s['seed']}. Server-side evaluation on the {fed.get('test_products')} test products after each "
         "round (round 0 = the initial weights). *sim s* = the device's simulated seconds for its local training "
         "(virtual clock of its profile), *peak MB* = the training process's peak RSS.", "",
         markdown_table(header, table),
