@@ -282,20 +282,27 @@ def serve(rc: dict[str, Any], *, host: str, port: int, certs_dir: str | None, in
         def finished_hint():  # the ServerApp writes summary.json last
             return summary_file.is_file() and summary_file.stat().st_mtime != before
 
+        interrupted = False
         try:
             status = watch_run(dep.cli, run_id, out / "metrics.jsonl", seen=seen, on_row=on_row, on_tick=on_tick,
                                poll=poll, status_every=10.0, finished_hint=finished_hint)
+        except (KeyboardInterrupt, SystemExit):
+            # Ctrl-C / SIGTERM: no `flwr stop` / `flwr log` (each a fresh CLI process, 10-20 s on a busy
+            # machine); leaving the Deployment stops every process it started, by PID, at once
+            interrupted = True
+            raise
         finally:
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # finish cleaning up on a second Ctrl-C
-            try:
-                if not str(status.get("status", "")).startswith("finished"):
-                    dep.cli.stop_run(run_id)
+            if not interrupted:
+                previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # finish cleaning up on a second Ctrl-C
                 try:
-                    (out / "flower.log").write_text(dep.cli.logs(run_id), encoding="utf-8")
-                except Exception:  # noqa: BLE001 - the log is a convenience
-                    pass
-            finally:
-                signal.signal(signal.SIGINT, previous)
+                    if not str(status.get("status", "")).startswith("finished"):
+                        dep.cli.stop_run(run_id)
+                    try:
+                        (out / "flower.log").write_text(dep.cli.logs(run_id), encoding="utf-8")
+                    except Exception:  # noqa: BLE001 - the log is a convenience
+                        pass
+                finally:
+                    signal.signal(signal.SIGINT, previous)
     if status.get("status") != "finished:completed":
         raise FedcbirError(f"run {run_id} ended {status.get('status')}: {status.get('status-details', '')}\n"
                            f"{tail(out / 'flower.log', 25)}")
