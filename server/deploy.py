@@ -288,7 +288,7 @@ def serve(rc: dict[str, Any], *, host: str, port: int, certs_dir: str | None, in
                                poll=poll, status_every=10.0, finished_hint=finished_hint)
         except (KeyboardInterrupt, SystemExit):
             # Ctrl-C / SIGTERM: no `flwr stop` / `flwr log` (each a fresh CLI process, 10-20 s on a busy
-            # machine); leaving the Deployment stops every process it started, by PID, at once
+            # machine); leaving the Deployment stops every process it started, by PID (within ≈ 30 s)
             interrupted = True
             raise
         finally:
@@ -296,7 +296,10 @@ def serve(rc: dict[str, Any], *, host: str, port: int, certs_dir: str | None, in
                 previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # finish cleaning up on a second Ctrl-C
                 try:
                     if not str(status.get("status", "")).startswith("finished"):
-                        dep.cli.stop_run(run_id)
+                        try:
+                            dep.cli.stop_run(run_id)
+                        except Exception:  # noqa: BLE001 - the Deployment stops it by PID anyway; keep the first error
+                            pass
                     try:
                         (out / "flower.log").write_text(dep.cli.logs(run_id), encoding="utf-8")
                     except Exception:  # noqa: BLE001 - the log is a convenience

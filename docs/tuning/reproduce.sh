@@ -17,4 +17,4 @@ last=$(ls "$out"/checkpoints/round-*.json | sort | tail -1)
 .venv/bin/catalog-search index --bundle "$out-bundle" --catalog "$catalog" --runtime litert --precision fp32
 .venv/bin/catalog-search eval --bundle "$out-bundle" --catalog "$catalog" --runtime litert --precision fp32 \
   --seed "$seed" --json > "$out-eval.json"
-python3 -c "import json,sys; print('$name', json.load(open(sys.argv[1]))['index'])" "$out-eval.json"
+python3 -c "import json,sys; print(sys.argv[1], json.load(open(sys.argv[2]))['index'])" "$name" "$out-eval.json"

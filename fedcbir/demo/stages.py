@@ -15,7 +15,8 @@ DEVICES = (("torch", "rpi4"), ("tf", "rpi5"), ("jax", "jetson-nano-cpu"))
 _FLAGGED = {"catalog": "--catalog/--sample", "num-server-rounds": "--rounds", "local-epochs": "--local-epochs",
             "partition": "--partition", "out": "--out", "resume": "(automatic)", "client-state-dir": "--out",
             "frameworks": "(fixed: torch,tf,jax)", "profiles": "(fixed: rpi4,rpi5,jetson-nano-cpu)",
-            "strategy": "(fixed: fedavg)", "lr": "(fixed: 9e-4)", "seed": "(fixed)"}
+            "strategy": "(fixed: fedavg)", "optimizer": "(fixed: adamw)", "lr": "(fixed: 9e-4)",
+            "seed": "(fixed)"}
 
 
 @dataclass(frozen=True)
