@@ -35,6 +35,13 @@ def _env():
     return env
 
 
+def _default_sigint() -> None:
+    """In the child before exec: Ctrl-C's default action. A shell without job control (a script's
+    `cmd &`, nohup) starts background jobs with SIGINT ignored and every child inherits that, so
+    under such a `make test` the Ctrl-C test would signal a server that rightly ignores SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Procs:
     """Processes a test started, with every descendant seen; all must be gone at the end."""
 
@@ -46,7 +53,7 @@ class Procs:
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
         out = open(self.tmp / f"{name}.out", "w")
         p = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=self.tmp,
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=_default_sigint)
         self.started[name] = p
         self.seen.add(p.pid)
         return p
