@@ -360,7 +360,8 @@ def register(sub) -> None:
         description="Start a Flower SuperLink (TLS by default; certificates made on first use), optionally "
                     "register the devices' public keys, submit the federation (the ServerApp), wait for "
                     "--min-clients devices ('edge-client') and print one line per round. Writes "
-                    "RUN/metrics.jsonl, RUN/checkpoints/, RUN/summary.json, RUN/superlink.log, RUN/flower.log. "
+                    "RUN/metrics.jsonl, RUN/checkpoints/, RUN/summary.json, RUN/superlink.log, RUN/flower.log (not "
+                    "after Ctrl-C / SIGTERM, which stop everything at once). "
                     "Exits 0 when the run finished with its final checkpoint; stops everything it started on "
                     "exit, Ctrl-C or SIGTERM.",
         epilog="example: fedcbir server --sample --rounds 5 --min-clients 3 --host 0.0.0.0 --port 9092 "
