@@ -206,6 +206,25 @@ class Deployment(SuperLinkProcess):
             (self.out / STATE_FILE).unlink(missing_ok=True)
 
 
+def _close_run(cli, run_id: str, status: dict[str, Any], out: Path) -> None:
+    """After the run ended or failed: stop it in Flower unless it finished, save its log as
+    ``RUN/flower.log``; neither step may replace the error being raised (the Deployment stops the
+    processes by PID anyway, and the log is a convenience). A second Ctrl-C is ignored meanwhile."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        if not str(status.get("status", "")).startswith("finished"):
+            try:
+                cli.stop_run(run_id)
+            except Exception:  # noqa: BLE001
+                pass
+        try:
+            (out / "flower.log").write_text(cli.logs(run_id), encoding="utf-8")
+        except Exception:  # noqa: BLE001
+            pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def serve(rc: dict[str, Any], *, host: str, port: int, certs_dir: str | None, insecure: bool,
           advertise: list[str] | None, require_auth: bool, keys_dir: str | None, say=print,
           poll: float = 1.0) -> dict[str, Any]:
@@ -282,30 +301,16 @@ def serve(rc: dict[str, Any], *, host: str, port: int, certs_dir: str | None, in
         def finished_hint():  # the ServerApp writes summary.json last
             return summary_file.is_file() and summary_file.stat().st_mtime != before
 
-        interrupted = False
+        # Ctrl-C / SIGTERM (KeyboardInterrupt / SystemExit, not Exceptions) skip _close_run: `flwr stop` and
+        # `flwr log` are fresh CLI processes (10-20 s each on a busy machine), and leaving the Deployment
+        # stops every process it started by PID anyway (within ≈ 30 s)
         try:
             status = watch_run(dep.cli, run_id, out / "metrics.jsonl", seen=seen, on_row=on_row, on_tick=on_tick,
                                poll=poll, status_every=10.0, finished_hint=finished_hint)
-        except (KeyboardInterrupt, SystemExit):
-            # Ctrl-C / SIGTERM: no `flwr stop` / `flwr log` (each a fresh CLI process, 10-20 s on a busy
-            # machine); leaving the Deployment stops every process it started, by PID (within ≈ 30 s)
-            interrupted = True
+        except Exception:
+            _close_run(dep.cli, run_id, status, out)
             raise
-        finally:
-            if not interrupted:
-                previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # finish cleaning up on a second Ctrl-C
-                try:
-                    if not str(status.get("status", "")).startswith("finished"):
-                        try:
-                            dep.cli.stop_run(run_id)
-                        except Exception:  # noqa: BLE001 - the Deployment stops it by PID anyway; keep the first error
-                            pass
-                    try:
-                        (out / "flower.log").write_text(dep.cli.logs(run_id), encoding="utf-8")
-                    except Exception:  # noqa: BLE001 - the log is a convenience
-                        pass
-                finally:
-                    signal.signal(signal.SIGINT, previous)
+        _close_run(dep.cli, run_id, status, out)
     if status.get("status") != "finished:completed":
         raise FedcbirError(f"run {run_id} ended {status.get('status')}: {status.get('status-details', '')}\n"
                            f"{tail(out / 'flower.log', 25)}")

@@ -12,11 +12,6 @@ from typing import Any, Callable
 from common.errors import FedcbirError
 
 DEVICES = (("torch", "rpi4"), ("tf", "rpi5"), ("jax", "jetson-nano-cpu"))
-_FLAGGED = {"catalog": "--catalog/--sample", "num-server-rounds": "--rounds", "local-epochs": "--local-epochs",
-            "partition": "--partition", "out": "--out", "resume": "(automatic)", "client-state-dir": "--out",
-            "frameworks": "(fixed: torch,tf,jax)", "profiles": "(fixed: rpi4,rpi5,jetson-nano-cpu)",
-            "strategy": "(fixed: fedavg)", "optimizer": "(fixed: adamw)", "lr": "(fixed: 9e-4)",
-            "seed": "(fixed)"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +46,14 @@ class DemoSettings:
             "lr": self.lr, "seed": self.seed, "out": str(out), "client-state-dir": str(out / "client-state"),
             "resume": False,
         }
+
+
+# run-config keys the demo sets itself: --set refuses them, naming the option or the fixed value
+_FLAGGED = {"catalog": "--catalog/--sample", "num-server-rounds": "--rounds", "local-epochs": "--local-epochs",
+            "partition": "--partition", "out": "--out", "resume": "(automatic)", "client-state-dir": "--out",
+            "frameworks": f"(fixed: {','.join(f for f, _ in DEVICES)})",
+            "profiles": f"(fixed: {','.join(p for _, p in DEVICES)})", "strategy": f"(fixed: {DemoSettings.strategy})", "optimizer": "(fixed: adamw)",
+            "lr": f"(fixed: {DemoSettings.lr:g})", "seed": f"(fixed: {DemoSettings.seed})"}
 
 
 # ----------------------------------------------------------------------------- stages
